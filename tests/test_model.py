@@ -1,0 +1,128 @@
+"""model.py against transformers' LlamaForCausalLM (test-only oracle): logits, loading, errors."""
+import json
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+
+import model as M
+
+SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+             num_attention_heads=4, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5)
+CONFIGS = {
+    "gqa_llama3_rope_untied": dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
+                                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "mha_tied": dict(num_key_value_heads=4, tie_word_embeddings=True, rope_theta=10000.0),
+    "gqa_tied": dict(num_key_value_heads=1, tie_word_embeddings=True, rope_theta=100000.0),
+}
+
+
+def make_hf_checkpoint(folder, seed=0, max_shard_size=None, **overrides):
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(HFConfig(**{**SMALL, **overrides})).eval()
+    with torch.no_grad():  # random norms too, so a wrong norm weight cannot hide
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    hf.save_pretrained(folder, safe_serialization=True, **kw)
+    return hf
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(tmp_path, name):
+    hf = make_hf_checkpoint(tmp_path, **CONFIGS[name])
+    ours, tok = M.load_model(tmp_path)
+    assert tok is None  # the folder has no tokenizer.json
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 100))  # long enough to reach llama3-scaled frequencies
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids)
+    assert got.shape == (2, 100, SMALL["vocab_size"])
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_left_padded_batch_matches_unpadded(tmp_path):
+    """A left-padded row gives the same logits on its real tokens as the row alone."""
+    make_hf_checkpoint(tmp_path, **CONFIGS["gqa_llama3_rope_untied"])
+    ours, _ = M.load_model(tmp_path)
+    short = torch.randint(0, 300, (1, 7))
+    padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1)
+    mask = torch.tensor([[0] * 5 + [1] * 7])
+    with torch.no_grad():
+        alone = ours(short)
+        batch = ours(padded, attention_mask=mask)
+    assert torch.isfinite(batch).all()
+    assert (batch[:, 5:] - alone).abs().max().item() < 1e-4
+
+
+def test_loss_matches_transformers_masked_loss(tmp_path):
+    hf = make_hf_checkpoint(tmp_path, **CONFIGS["mha_tied"])
+    ours, _ = M.load_model(tmp_path)
+    ids = torch.randint(0, 300, (2, 40))
+    labels = ids.clone()
+    labels[:, :25] = -100  # prompt masked out of the loss
+    with torch.no_grad():
+        assert abs(ours.loss(ids, labels).item() - hf(ids, labels=labels).loss.item()) < 1e-5
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf = make_hf_checkpoint(tmp_path, max_shard_size="100KB", **CONFIGS["gqa_llama3_rope_untied"])
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    ours, _ = M.load_model(tmp_path)
+    ids = torch.randint(0, 300, (1, 20))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() < 1e-4
+
+
+def test_bfloat16_load(tmp_path):
+    make_hf_checkpoint(tmp_path, **CONFIGS["mha_tied"])
+    ours, _ = M.load_model(tmp_path, dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    assert ours(torch.randint(0, 300, (1, 8))).dtype == torch.bfloat16
+
+
+def test_missing_and_malformed_files_give_clear_errors(tmp_path):
+    make_hf_checkpoint(tmp_path / "ok", **CONFIGS["mha_tied"])
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "ok", bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        M.load_model(bad)
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    del cfg["hidden_size"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config.json: missing field\(s\) \['hidden_size'\]"):
+        M.load_model(bad)
+    (bad / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        M.load_model(bad)
+    shutil.copy(tmp_path / "ok" / "config.json", bad / "config.json")
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors not found"):
+        M.load_model(bad)
+    (bad / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read safetensors"):
+        M.load_model(bad)
+    cfg["hidden_size"], cfg["intermediate_size"] = 64, 96  # weights no longer fit the config
+    (bad / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(tmp_path / "ok" / "model.safetensors", bad / "model.safetensors")
+    with pytest.raises(ValueError, match="weights do not match config.json"):
+        M.load_model(bad)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        M.load_model(tmp_path / "does-not-exist")
+
+
+def test_hub_id_offline_fails_fast_with_advice(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never touch the network in tests
+    t = time.time()
+    with pytest.raises(RuntimeError, match="pass the local folder"):
+        M.load_model("meta-llama/Meta-Llama-3-8B-Instruct-not-cached")
+    assert time.time() - t < 10
