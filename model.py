@@ -88,10 +88,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # The mean of squares is computed in float32: in bf16 it loses the small activations.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # One fused kernel; it accumulates the mean of squares in float32 even for bf16 input,
+        # where a bf16 sum would lose the small activations.
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
