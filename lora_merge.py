@@ -113,15 +113,18 @@ def importance_scores(model, cfg: TrainConfig, val_batches, grad_state):
     return prune.input_importance(model, norms)
 
 
-def prune_step(model, cfg: TrainConfig, val_batches, grad_state, init):
-    """Evaluate importance on the validation set and prune (both after the optimizer step)."""
-    if cfg.unit == "parameter" and cfg.ratio == 0:
-        return
-    scores = importance_scores(model, cfg, val_batches, grad_state)
-    if cfg.unit == "module":
-        prune.module_prune_(model, scores, cfg.threshold, cfg.reset, init)
-    else:
-        prune.prune_(model, scores, cfg.ratio, cfg.reset, init)
+def algorithm1_step(model, opt, batch, cfg: TrainConfig, val_batches, grad_state, init) -> float:
+    """One iteration of Algorithm 1; returns the batch loss."""
+    loss = step_loss(model, batch, cfg.micro_batch)  # L <- M(b_i); backward
+    opt.step()  # R(i) <- update(R^(i-1))
+    if cfg.unit == "module" or cfg.ratio > 0:
+        scores = importance_scores(model, cfg, val_batches, grad_state)  # E(i) <- eval(R(i), D_v)
+        if cfg.unit == "module":  # R^(i) <- prune(R(i), E(i)); trained again at the next step
+            prune.module_prune_(model, scores, cfg.threshold, cfg.reset, init)
+        else:
+            prune.prune_(model, scores, cfg.ratio, cfg.reset, init)
+    opt.zero_grad(set_to_none=True)  # only now: grad importance reads .grad
+    return loss
 
 
 def train(model, train_enc: list[dict], val_enc: list[dict], pad_id: int, cfg: TrainConfig,
@@ -157,10 +160,7 @@ def train(model, train_enc: list[dict], val_enc: list[dict], pad_id: int, cfg: T
         losses = []
         for batch in tqdm(batches, desc=f"[{desc}] epoch {epoch}", leave=False, file=sys.stdout,
                           disable=not sys.stdout.isatty()):
-            losses.append(step_loss(model, batch, cfg.micro_batch))
-            opt.step()
-            prune_step(model, cfg, val_batches, grad_state, init)
-            opt.zero_grad(set_to_none=True)  # after pruning: grad importance reads .grad
+            losses.append(algorithm1_step(model, opt, batch, cfg, val_batches, grad_state, init))
         val = validation_loss(model, val_batches)
         state["history"].append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "val_loss": val})
         if val < state["best_loss"]:
@@ -210,9 +210,10 @@ def write_json(path: Path, obj):
 # Decoding and scoring
 
 
-def decode(model, tok, task, examples: list[dict], batch_size: int = 16, desc: str = "decode") -> list[str]:
+def decode(model, tok, task, examples: list[dict], batch_size: int = 16, desc: str = "decode",
+           max_source_tokens: int | None = None) -> list[str]:
     """Greedy summaries for examples, batched by similar prompt length."""
-    prompts = [data.encode(tok, task, ex["document"])["input_ids"] for ex in examples]
+    prompts = [data.encode(tok, task, ex["document"], None, max_source_tokens)["input_ids"] for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [""] * len(prompts)
     for k in tqdm(range(0, len(order), batch_size), desc=desc, file=sys.stdout, disable=not sys.stdout.isatty()):
@@ -223,8 +224,8 @@ def decode(model, tok, task, examples: list[dict], batch_size: int = 16, desc: s
     return out
 
 
-def evaluate(model, tok, task, examples, batch_size, desc) -> tuple[list[str], dict]:
-    preds = decode(model, tok, task, examples, batch_size, desc)
+def evaluate(model, tok, task, examples, args, desc) -> tuple[list[str], dict]:
+    preds = decode(model, tok, task, examples, args.decode_batch, desc, args.max_source_tokens)
     return preds, metrics.score(task, preds, [ex["references"] for ex in examples])
 
 
@@ -276,8 +277,13 @@ def ensure_related(model, tok, args) -> dict[str, Path]:
             train_ex = data.subsample(data.load_split(name, "train", args.data_dir), args.max_train, 0)
             val_ex = data.subsample(data.load_split(name, "validation", args.data_dir), args.max_val, 1)
             train_module(model, tok, name, train_ex, val_ex, folder, args, seed=0)
-        folders[Path(name).name] = folder
+        folders[module_name(name)] = folder
     return folders
+
+
+def module_name(name: str) -> str:
+    """Adapter name of a related module: its task or folder name (no dots: PyTorch keys)."""
+    return Path(name).name.replace(".", "_")
 
 
 def load_modules(model, folders: dict[str, Path], trainable: bool = True):
@@ -313,7 +319,7 @@ def run_seed(model, tok, task, args, seed: int, related: dict[str, Path]) -> dic
         result.update(merge_search(model, tok, task, modules, train_ex, val_ex, out, args, seed))
         for name in M.adapter_names(model):
             M.save_adapter(model, name, out / "adapters" / name, base_model=model_tag(args.model))
-    preds, scores = evaluate(model, tok, task, test_ex, args.decode_batch, f"test seed {seed}")
+    preds, scores = evaluate(model, tok, task, test_ex, args, f"test seed {seed}")
     metrics.write_predictions(out / "predictions.jsonl", [e["id"] for e in test_ex], preds)
     result.update(test=scores, wall_time_s=time.time() - t0)
     write_json(out / "result.json", result)
@@ -323,7 +329,7 @@ def run_seed(model, tok, task, args, seed: int, related: dict[str, Path]) -> dic
 def merge_search(model, tok, task, modules, train_ex, val_ex, out: Path, args, seed: int) -> dict:
     """Stage 2 for each candidate Del% (or module threshold); with several candidates, each is
     scored on the validation set by the task metric and the best one is kept (grid search)."""
-    enc = lambda exs: [data.encode(tok, task, e["document"], e["summary"]) for e in exs]
+    enc = lambda exs: [data.encode(tok, task, e["document"], e["summary"], args.max_source_tokens) for e in exs]
     train_enc, val_enc = enc(train_ex), enc(val_ex)
     candidates = args.threshold if args.unit == "module" else args.ratio
     runs = {}
@@ -335,7 +341,7 @@ def merge_search(model, tok, task, modules, train_ex, val_ex, out: Path, args, s
         run_dir = out / f"{args.unit}-{value:g}"
         log = train(model, train_enc, val_enc, tok.pad_id, cfg, run_dir / "ckpt.pt", desc=f"merge {value:g} seed {seed}")
         if len(candidates) > 1:
-            _, log["val_scores"] = evaluate(model, tok, task, val_ex, args.decode_batch, f"val {value:g}")
+            _, log["val_scores"] = evaluate(model, tok, task, val_ex, args, f"val {value:g}")
         runs[value] = {"config": asdict(cfg), **log}
         if len(candidates) > 1:  # keep the weights of every candidate to restore the best one
             runs[value]["weights"] = adapter_state(model, M.adapter_names(model))
@@ -443,11 +449,17 @@ def summarize(results: list[dict], metric: str) -> dict:
 def main(argv=None) -> dict:
     args, task = parse_args(argv)
     t0 = time.time()
-    model, tok = M.load_model(args.model, dtype=args.dtype)
-    if tok is None:
-        raise SystemExit(f"error: --model {args.model}: the folder has no tokenizer.json")
+    try:
+        model, tok = M.load_model(args.model, dtype=args.dtype)
+        if tok is None:
+            raise ValueError(f"--model {args.model}: the folder has no tokenizer.json")
+        # Every module that exists is loaded once now: an adapter made for another base model
+        # fails here, before any training.
+        load_modules(model, {module_name(n): module_folder(n, args) for n in args.related
+                             if (module_folder(n, args) / "adapter_config.json").is_file()})
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from None
     related = ensure_related(model, tok, args)
-    load_modules(model, related)  # fails now, before any training, for an adapter of another model
     results = [run_seed(model, tok, task, args, seed, related) for seed in args.seeds]
     summary = {"task": task.name, "args": {k: v for k, v in vars(args).items()}, "seeds": args.seeds,
                "summary": summarize(results, task.metric), "runs": results, "wall_time_s": time.time() - t0}

@@ -1,0 +1,210 @@
+"""Algorithm 1 (lora_merge.py): pruning after each step, resuming, and the CLI end to end."""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora_merge as LM
+import model as M
+import prune
+from test_model import CONFIGS, make_hf_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+TINY_FLAGS = ["--n-train", "4", "--n-val", "2", "--batch-size", "2", "--micro-batch", "2",
+              "--max-source-tokens", "48", "--max-test", "2", "--decode-batch", "2", "--data-dir", str(DATA)]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    make_hf_checkpoint(tmp_path / "base", **CONFIGS["gqa_llama3_rope_untied"])
+    model, _ = M.load_model(tmp_path / "base")
+    g = torch.Generator().manual_seed(0)
+    for name in ["r1", "r2"]:
+        M.add_lora(model, name, dropout=0.0)
+        with torch.no_grad():
+            for p in M.adapter_params(model, name).values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def token_batches(n, seed, pad_left=False):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 300, (n, 12), generator=g)
+    mask = torch.ones(n, 12, dtype=torch.long)
+    mask[0, :4] = 0  # one padded row
+    labels = ids.clone()
+    labels[:, :6] = -100
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def lowest_by_input_importance(model, val):
+    """Independent |W| * ||X|| ranking: inputs captured by plain hooks, padding dropped by hand."""
+    inputs = {}
+
+    def keep_input(path):
+        def hook(module, args, output):
+            inputs[path] = args[0]  # returns None: the output is left as it is
+        return hook
+
+    hooks = [layer.register_forward_hook(keep_input(path)) for path, layer in M.lora_layers(model).items()]
+    with torch.no_grad():
+        model.hidden(val["input_ids"], val["attention_mask"])
+    for h in hooks:
+        h.remove()
+    keep = val["attention_mask"].bool()
+    masks = {}
+    for path, layer in M.lora_layers(model).items():
+        x = inputs[path][keep]  # [tokens, in]
+        for name in layer.lora_A:
+            A, B = layer.lora_A[name].detach(), layer.lora_B[name].detach()
+            for which, W, feat in (("A", A, x), ("B", B, x @ A.T)):
+                score = (W.abs() * feat.norm(dim=0)[None]).flatten()
+                k = round(0.4 * score.numel())
+                m = torch.zeros_like(score, dtype=torch.bool)
+                m[score.argsort(stable=True)[:k]] = True
+                masks[(path, name, which)] = m.view_as(W)
+    return masks
+
+
+@pytest.mark.parametrize("reset", ["zero", "init"])
+def test_prune_step_changes_weights_only_where_the_rules_say(tiny, reset):
+    """One Algorithm-1 step with s=0.4 equals the same step unpruned, except at exactly the
+    lowest-|W|*||X|| 40% of each matrix, which hold zero (or the merge-start value)."""
+    batch, val = token_batches(2, 1), token_batches(3, 2)
+    plain, pruned = tiny, copy.deepcopy(tiny)
+    start = prune.snapshot(pruned)
+    for model, ratio in ((plain, 0.0), (pruned, 0.4)):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        cfg = LM.TrainConfig(micro_batch=1, ratio=ratio, reset=reset)
+        model.train()
+        LM.algorithm1_step(model, opt, batch, cfg, [val], None, start)
+    expected_masks = lowest_by_input_importance(plain, val)  # importance after the update
+    after_plain, after_pruned = prune.matrices(plain), prune.matrices(pruned)
+    for key, W in after_plain.items():
+        mask = expected_masks[key]
+        assert mask.sum() == round(0.4 * W.numel())
+        target = torch.zeros_like(W) if reset == "zero" else start[key]
+        expected = torch.where(mask, target, W.detach())
+        assert torch.equal(after_pruned[key].detach(), expected), key
+        assert not torch.equal(W.detach(), start[key])  # the step itself changed the matrix
+
+
+def test_killed_training_resumes_to_the_same_weights(tiny, tmp_path):
+    train_set = [{k: v[i].tolist() for k, v in token_batches(4, 5).items() if k != "attention_mask"} for i in range(4)]
+    val_set = train_set[:2]
+    cfg = LM.TrainConfig(lr=1e-2, batch_size=2, micro_batch=1, epochs=3, patience=10, ratio=0.3)
+    other = copy.deepcopy(tiny)
+    for n in M.adapter_names(other):  # dropout on: its masks must also be replayed after a resume
+        for layer in M.lora_layers(other).values():
+            layer.dropout_p[n] = 0.3
+    straight = copy.deepcopy(other)
+    log = LM.train(straight, train_set, val_set, 0, cfg, tmp_path / "a.pt")
+    first = LM.train(other, train_set, val_set, 0, LM.TrainConfig(**{**cfg.__dict__, "epochs": 1}), tmp_path / "b.pt")
+    assert first["epochs_run"] == 1
+    resumed = LM.train(other, train_set, val_set, 0, cfg, tmp_path / "b.pt")  # picks up at epoch 2
+    assert resumed["epochs_run"] == 3
+    assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in log["history"]]
+    for k, p in prune.matrices(straight).items():
+        assert torch.equal(p, prune.matrices(other)[k]), k
+
+
+def run_cli(args, tmp_path, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "lora_merge.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def related_module(tmp_path_factory):
+    """A small real PEFT module for the embedded model (random B so it does something)."""
+    folder = tmp_path_factory.mktemp("mods") / "rel"
+    model, _ = M.load_model()
+    M.add_lora(model, "rel")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in M.adapter_params(model, "rel").items():
+            if n.endswith("lora_B"):
+                p.normal_(0, 1e-3)
+    M.save_adapter(model, "rel", folder)
+    return folder
+
+
+def test_cli_merge_del_end_to_end(tmp_path, related_module):
+    out = tmp_path / "run"
+    summary = LM.main(["--task", "scitldr", "--related", str(related_module), "--with-target",
+                       "--ratio", "0.2,0.4", "--epochs", "1", "--out", str(out), *TINY_FLAGS])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["summary"]["mean"]["rougeL"] == summary["summary"]["mean"]["rougeL"]
+    run = saved["runs"][0]
+    assert run["chosen"] in (0.2, 0.4) and set(run["candidates"]) == {"0.2", "0.4"}
+    for cand in run["candidates"].values():
+        assert "rougeL" in cand["val_scores"] and len(cand["history"]) == 2
+        assert set(cand["sparsity"]) == {"rel", "TGT"}
+    preds = [json.loads(line) for line in (out / "seed0" / "predictions.jsonl").read_text().splitlines()]
+    test_ids = [json.loads(line)["id"] for line in (DATA / "scitldr" / "test.jsonl").read_text().splitlines()[:2]]
+    assert [p["id"] for p in preds] == test_ids
+    fresh, _ = M.load_model()
+    for name in ("rel", "TGT"):
+        assert M.load_adapter(fresh, out / "seed0" / "adapters" / name) == name
+    assert (out / "seed0" / "modules" / "TGT" / "train_log.json").is_file()
+
+
+def test_cli_killed_run_resumes(tmp_path, related_module):
+    args = ["--task", "scitldr", "--related", str(related_module), "--ratio", "0.3", "--epochs", "3",
+            "--patience", "10", "--out", "run", *TINY_FLAGS]
+    ckpt = tmp_path / "run" / "seed0" / "parameter-0.3" / "ckpt.pt"
+    proc = run_cli(args, tmp_path, start_new_session=True)
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), proc.communicate()[0] if proc.poll() is not None else "no checkpoint in time"
+    os.killpg(proc.pid, signal.SIGKILL)  # killed mid-training, after at least one epoch
+    proc.wait()
+    assert not (tmp_path / "run" / "results.json").exists()
+    done = run_cli(args, tmp_path)
+    output = done.communicate(timeout=600)[0]
+    assert done.returncode == 0, output
+    assert "resumed after epoch" in output
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(result["runs"][0]["candidates"]["0.3"]["history"]) == 4  # epoch 0 + 3 epochs
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ratio", "1.0"], "--ratio values must be in"),
+    (["--ratio", "abc"], "is not a number"),
+    (["--task", "nope"], "unknown task 'nope'"),
+    (["--related", "not-a-task"], "neither an adapter folder nor a known task"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+])
+def test_bad_flags_fail_before_any_work(flags, message, capsys):
+    argv = ["--task", "scitldr", *flags] if flags[0] != "--task" else flags
+    with pytest.raises(SystemExit) as e:
+        LM.parse_args(argv)
+    assert message in str(e.value) + capsys.readouterr().err
+
+
+def test_adapter_for_another_base_model_fails_before_training(tmp_path):
+    make_hf_checkpoint(tmp_path / "other", **CONFIGS["mha_tied"])
+    other, _ = M.load_model(tmp_path / "other")
+    M.add_lora(other, "w")
+    M.save_adapter(other, "w", tmp_path / "w")
+    t = time.time()
+    with pytest.raises(SystemExit, match="another base model"):
+        LM.main(["--task", "scitldr", "--related", str(tmp_path / "w"), "--out", str(tmp_path / "o"), *TINY_FLAGS])
+    assert not (tmp_path / "o").exists()
+    assert time.time() - t < 60
+
+
+def test_ratio_ranges_parse():
+    assert LM.parse_values(["0.1:0.6:0.1"], "--ratio", 0, 1) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    assert LM.parse_values(["0.3"], "--ratio", 0, 1) == [0.3]
+    assert LM.parse_values(["0", "0.2,0.1"], "--ratio", 0, 1) == [0.0, 0.1, 0.2]
