@@ -29,7 +29,6 @@ import math
 import os
 import random
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -140,9 +139,6 @@ def train(model, train_enc: list[dict], val_enc: list[dict], pad_id: int, cfg: T
     names = M.adapter_names(model)
     init = prune.snapshot(model)  # the merge's starting point, for reset="init"
     grad_state = prune.GradImportance(cfg.beta1, cfg.beta2) if cfg.importance == "grad" else None
-    state = {"epoch": 0, "history": [], "best_loss": validation_loss(model, val_batches), "best": None, "bad": 0}
-    state["history"].append({"epoch": 0, "val_loss": state["best_loss"]})
-    state["best"] = adapter_state(model, names)
     if ckpt_path and ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
         load_adapter_state(model, ck["adapters"])
@@ -151,16 +147,20 @@ def train(model, train_enc: list[dict], val_enc: list[dict], pad_id: int, cfg: T
         if grad_state is not None:
             grad_state.load_state_dict(ck["grad_state"])
         print(f"[{desc}] resumed after epoch {state['epoch']}", flush=True)
+    else:  # epoch 0, the starting point, is a candidate too: training that only hurts is undone
+        loss0 = validation_loss(model, val_batches)
+        state = {"epoch": 0, "history": [{"epoch": 0, "val_loss": loss0}], "best_loss": loss0,
+                 "best": adapter_state(model, names), "bad": 0}
     model.train()
     start, epochs_here = time.time(), 0
     while state["epoch"] < cfg.epochs and state["bad"] < cfg.patience:
         epoch = state["epoch"] + 1
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout masks: the same after a resume
         batches = make_batches(train_enc, cfg.batch_size, pad_id, seed=cfg.seed * 1000 + epoch)
-        losses = []
-        for batch in tqdm(batches, desc=f"[{desc}] epoch {epoch}", leave=False, file=sys.stdout,
-                          disable=not sys.stdout.isatty()):
+        losses, bar = [], tqdm(batches, desc=f"[{desc}] epoch {epoch}", leave=False, mininterval=10)
+        for batch in bar:  # steps, loss and time left on stderr
             losses.append(algorithm1_step(model, opt, batch, cfg, val_batches, grad_state, init))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
         val = validation_loss(model, val_batches)
         state["history"].append({"epoch": epoch, "train_loss": sum(losses) / len(losses), "val_loss": val})
         if val < state["best_loss"]:
@@ -216,7 +216,7 @@ def decode(model, tok, task, examples: list[dict], batch_size: int = 16, desc: s
     prompts = [data.encode(tok, task, ex["document"], None, max_source_tokens)["input_ids"] for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [""] * len(prompts)
-    for k in tqdm(range(0, len(order), batch_size), desc=desc, file=sys.stdout, disable=not sys.stdout.isatty()):
+    for k in tqdm(range(0, len(order), batch_size), desc=desc, mininterval=10):
         idx = order[k:k + batch_size]
         gen = M.generate(model, [prompts[i] for i in idx], task.max_target_tokens, tok.eos_ids, tok.pad_id)
         for i, ids in zip(idx, gen):
@@ -259,8 +259,9 @@ def train_module(model, tok, task_name: str, train_ex, val_ex, folder: Path, arg
     log = train(model, enc(train_ex), enc(val_ex), tok.pad_id, cfg, folder.with_name(folder.name + ".ckpt.pt"),
                 desc=f"stage1 {task_name}")
     M.save_adapter(model, "module", folder, base_model=model_tag(args.model))
-    write_json(folder / "train_log.json", {"task": task_name, "n_train": len(train_ex), "n_val": len(val_ex),
-                                           "seed": seed, "config": asdict(cfg), **log})
+    write_json(folder / "train_log.json", {"task": task_name, "model": model_tag(args.model), "n_train": len(train_ex),
+                                           "n_val": len(val_ex), "max_source_tokens": args.max_source_tokens,
+                                           "dtype": args.dtype, "seed": seed, "config": asdict(cfg), **log})
     folder.with_name(folder.name + ".ckpt.pt").unlink(missing_ok=True)
     M.remove_adapter(model, "module")
     return log
@@ -379,9 +380,10 @@ def parse_values(values: list[str], flag: str, lo: float, hi: float | None) -> l
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, help="target task (see `python data.py tasks`)")
-    p.add_argument("--method", default="merge", choices=["merge", "zero-shot", "lora", "lorahub"],
+    p.add_argument("--method", default="merge", choices=["merge", "zero-shot", "lora", "lorahub", "module"],
                    help="merge: the paper's method (Merge with --ratio 0, Merge+Del otherwise); zero-shot, "
-                        "lora (one module used as is) and lorahub are the baselines")
+                        "lora (one module used as is) and lorahub are the baselines; module: stage 1 only, "
+                        "train one LoRA on --task's training split (--max-train) and save it to --out")
     p.add_argument("--ratio", nargs="+", default=["0.3"],
                    help="Del%% s in [0, 1) pruned per matrix after every step; several values or a "
                         "start:stop:step range are a grid search on validation (default 0.3)")
@@ -428,7 +430,7 @@ def parse_args(argv=None):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.related is None:
-        args.related = [] if args.method == "zero-shot" else RELATED[task.language]
+        args.related = [] if args.method in ("zero-shot", "module") else RELATED[task.language]
     for name in args.related:
         if not Path(name).is_dir() and name not in data.TASKS:
             p.error(f"--related {name!r} is neither an adapter folder nor a known task")
@@ -449,6 +451,14 @@ def summarize(results: list[dict], metric: str) -> dict:
 def main(argv=None) -> dict:
     args, task = parse_args(argv)
     t0 = time.time()
+    if args.method == "module":
+        model, tok = M.load_model(args.model, dtype=args.dtype)
+        train_ex = data.subsample(data.load_split(task.name, "train", args.data_dir), args.max_train, 0)
+        val_ex = data.subsample(data.load_split(task.name, "validation", args.data_dir), args.max_val, 1)
+        log = train_module(model, tok, task.name, train_ex, val_ex, Path(args.out), args, seed=args.seeds[0])
+        print(f"{task.name} module: validation loss {log['history'][0]['val_loss']:.4f} untrained -> "
+              f"{log['best_val_loss']:.4f}; {args.out}", flush=True)
+        return log
     try:
         model, tok = M.load_model(args.model, dtype=args.dtype)
         if tok is None:

@@ -1,0 +1,493 @@
+"""Experiment runner: the paper's Table 2, Table 4 and Figures 4-6 from cached lora_merge runs.
+
+    python experiments.py list                                         # rows, and which are cached
+    python experiments.py run --setting ja --rows table2 --seeds 0 1 2 --data-dir ../shared/data
+    python experiments.py run --setting ja --rows merge-del-tgt --seeds 0 -- --epochs 2   # lora_merge flags
+    python experiments.py report --out results                         # tables + figures, cache only
+
+One (setting, row, seed) is one `lora_merge.main` call into <root>/<setting>/<row>/seed<k>-run: the
+cache unit. A run whose results.json exists is never recomputed, so a killed piece is restarted
+with the same command: finished runs are skipped and a half-finished one resumes from lora_merge's
+per-epoch checkpoints. Each finished run also gets run.json: its exact command, wall time, machine.
+
+Choices:
+- Related modules are trained once per setting by lora_merge's stage 1 (seed 0, all settings'
+  rows share them) into <root>/modules/<model>/<task>, and passed to rows as folders.
+- TGT depends only on the seed's 50/50 subsample and the training flags, so a +TGT run copies the
+  TGT module of any cached run of the same setting and seed with the same such flags (LoRA (TGT)
+  runs first) instead of training the same module again; run.json says where it came from.
+- Significance (the dagger): one approximate randomization test per row against LoRA (TGT), on
+  the seeds' test predictions pooled into one sample of (seed, example id) pairs; for BLEU the
+  statistic is corpus BLEU over the pooled sample.
+- Table 4's module unit needs an absolute threshold; THRESHOLDS are grids around the module
+  importances measured on the embedded model in the Japanese setting (see there).
+- Flags after `--` go to lora_merge after the row's own and win over them (argparse: last wins),
+  e.g. budgets or `--threshold`; a --n-train there would also override Figure 6's rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import data
+import eval as metrics
+import lora_merge
+
+SETTINGS = {  # target task, related modules (abbreviation -> task), in the order of the table
+    "en": {"task": "scitldr", "related": {"DS": "dialogsum", "AE": "aeslc"}},
+    "ja": {"task": "nlp-paper-ja", "related": {"LD": "livedoor-ja", "XT": "xscitldr-ja"}},
+}
+RATIOS = ["0.1:0.6:0.1"]  # Merge+Del's Del% grid, as the paper's
+# --unit module threshold grids (Table 4; the paper's own, 4e-3..1e-2 and 2e-13..7e-13, are for
+# Llama-3-8B and its token counts). Measured on the embedded model, nlp-paper-ja, 50 validation
+# examples (~46k tokens), Kaiming A and B ~ N(0, 0.01): module-wise input importance spans
+# 0.07..1.1 (quartiles 0.5, 0.65, 0.85); grad importance S spans 4e-15..1e-10 after one step and
+# grows with its EMA. Each grid runs from pruning almost nothing to almost everything.
+THRESHOLDS = {"input": ["0.1", "0.2", "0.3", "0.5", "0.7", "1"],
+              "grad": ["1e-13", "1e-12", "1e-11", "1e-10", "1e-9", "1e-8"]}
+N_TRAIN = [5, 50, 100, 200]  # Figure 6
+TGT_FLAGS = ("model", "dtype", "n_train", "n_val", "max_source_tokens", "epochs", "patience", "lr",
+             "batch_size", "micro_batch", "rank", "alpha", "dropout", "data_dir")  # what TGT depends on
+
+
+def rows(setting: str) -> dict[str, dict]:
+    """row id -> {"label", "groups", "flags"}; "@REL" in flags stands for all related module folders,
+    "@DS" etc. for one."""
+    rel = SETTINGS[setting]["related"]
+    names = "+".join(rel)
+    out = {"zero-shot": ("Zero-shot", ["--method", "zero-shot"])}
+    out.update({f"lora-{a}": (f"LoRA ({a})", ["--method", "lora", "--related", f"@{a}"]) for a in rel})
+    out["lora-tgt"] = ("LoRA (TGT)", ["--method", "lora", "--related", "--with-target"])
+    for rid, label, flags in [("lorahub", "LoRAHub", ["--method", "lorahub"]),
+                              ("merge", "Merge", ["--ratio", "0"]), ("merge-del", "Merge+Del", ["--ratio", *RATIOS])]:
+        out[rid] = (f"{label} ({names})", [*flags, "--related", "@REL"])
+        out[f"{rid}-tgt"] = (f"{label} ({names}+TGT)", [*flags, "--related", "@REL", "--with-target"])
+    table = {rid: {"label": label, "groups": ["table2"], "flags": flags} for rid, (label, flags) in out.items()}
+    for rid in ("merge-tgt", "merge-del-tgt"):
+        table[rid]["groups"].append("table4")
+    for imp in ("input", "grad"):
+        for reset in ("zero", "init"):
+            table[f"abl-module-{imp}-{reset}"] = {
+                "label": f"{imp.capitalize()} / Module / {reset.capitalize()}", "groups": ["table4"],
+                "flags": ["--unit", "module", "--threshold", *THRESHOLDS[imp], "--importance", imp, "--reset", reset,
+                          "--related", "@REL", "--with-target"]}
+            if (imp, reset) != ("input", "zero"):  # that one is merge-del-tgt, the paper's method
+                table[f"abl-param-{imp}-{reset}"] = {
+                    "label": f"{imp.capitalize()} / Parameter / {reset.capitalize()}", "groups": ["table4"],
+                    "flags": ["--ratio", *RATIOS, "--importance", imp, "--reset", reset, "--related", "@REL",
+                              "--with-target"]}
+    for rid in ("lora-tgt", "merge", "merge-tgt", "merge-del", "merge-del-tgt"):
+        table[rid]["groups"].append("fig6")
+        for n in N_TRAIN:
+            if n != 50:
+                table[f"{rid}-n{n}"] = {"label": f"{table[rid]['label']}, {n} examples", "groups": ["fig6"],
+                                        "flags": [*table[rid]["flags"], "--n-train", str(n)]}
+    return table
+
+
+def select(setting: str, wanted: list[str]) -> list[str]:
+    table = rows(setting)
+    out = []
+    for w in wanted:
+        ids = list(table) if w == "all" else [r for r in table if w in table[r]["groups"]] or [w]
+        for rid in ids:
+            if rid not in table:
+                raise SystemExit(f"error: unknown row {rid!r}; rows: {', '.join(table)}; groups: all table2 table4 fig6")
+            out += [rid] if rid not in out else []
+    # LoRA (TGT) first: its TGT modules are then copied, not retrained, by the other +TGT rows
+    return sorted(out, key=lambda r: not r.startswith("lora-tgt"))
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    import torch
+    return {"host": platform.node(), "cpu": cpu, "nproc": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# ----------------------------------------------------------------------------------------
+# run
+
+
+def ensure_modules(setting: str, root: Path, extra: list[str], command_line: str) -> dict[str, str]:
+    """abbreviation -> folder of each related module, training the missing ones (stage 1) once."""
+    rel = SETTINGS[setting]["related"]
+    la, _ = lora_merge.parse_args(["--task", SETTINGS[setting]["task"], "--out", str(root), *extra,
+                                   "--related", *rel.values()])
+    folders = {a: lora_merge.module_folder(t, la) for a, t in rel.items()}
+    if not all((f / "adapter_config.json").is_file() for f in folders.values()):
+        import model as M
+        t0 = time.time()
+        model, tok = M.load_model(la.model, dtype=la.dtype)
+        lora_merge.ensure_related(model, tok, la)
+        lora_merge.write_json(root / "modules" / f"{setting}-run.json", {
+            "command": command_line, "tasks": list(rel.values()),
+            "wall_time_s": time.time() - t0, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine()})
+    return {a: str(f) for a, f in folders.items()}
+
+
+def share_tgt(setting_dir: Path, run_dir: Path, argv: list[str], seed: int) -> str | None:
+    """Copy a cached TGT module trained with the same seed and flags into this run (see docstring)."""
+    la, _ = lora_merge.parse_args(argv)
+    dst = run_dir / f"seed{seed}" / "modules" / "TGT"
+    if not la.with_target or (dst / "adapter_config.json").is_file():
+        return None
+    want = {k: getattr(la, k) for k in TGT_FLAGS}
+    for res in sorted(setting_dir.glob(f"*/seed{seed}-run/results.json")):
+        src = res.parent / f"seed{seed}" / "modules" / "TGT"
+        if (src / "adapter_config.json").is_file() and all(
+                json.loads(res.read_text())["args"].get(k) == v for k, v in want.items()):
+            tmp = dst.with_name(f".TGT.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            os.replace(tmp, dst)
+            return str(src)
+    return None
+
+
+def log_attempt(run_dir: Path) -> float:
+    """Record this attempt's start in attempts.json; return the seconds spent by earlier, killed
+    attempts, each from its start to the last file written before the next began (its checkpoint)."""
+    path = run_dir / "attempts.json"
+    attempts = json.loads(path.read_text()) if path.is_file() else []
+    if attempts:
+        last = max((p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file() and p != path), default=0)
+        attempts[-1]["ended"] = max(last, attempts[-1]["started"])
+    attempts.append({"started": time.time()})
+    lora_merge.write_json(path, attempts)
+    return sum(a["ended"] - a["started"] for a in attempts[:-1])
+
+
+def run(args, extra: list[str]) -> int:
+    setting_dir, table, failed = Path(args.root) / args.setting, rows(args.setting), []
+    common = [*(["--data-dir", args.data_dir] if args.data_dir else []),
+              *(["--max-test", str(args.max_test)] if args.max_test else [])]
+    for rid in select(args.setting, args.rows):
+        for seed in args.seeds:
+            run_dir = setting_dir / rid / f"seed{seed}-run"
+            if (run_dir / "results.json").is_file():
+                print(f"[{args.setting}/{rid} seed {seed}] cached: {run_dir}", flush=True)
+                continue
+            flags = table[rid]["flags"]
+            if any(f.startswith("@") for f in flags):
+                folders = ensure_modules(args.setting, Path(args.root), common + extra, args.command_line)
+                flags = [x for f in flags for x in (folders.values() if f == "@REL" else
+                                                    [folders[f[1:]]] if f.startswith("@") else [f])]
+            argv = ["--task", SETTINGS[args.setting]["task"], *flags, "--seeds", str(seed), "--out", str(run_dir),
+                    *common, *extra]
+            print(f"[{args.setting}/{rid} seed {seed}] python lora_merge.py {shlex.join(argv)}", flush=True)
+            (run_dir / f"seed{seed}").mkdir(parents=True, exist_ok=True)  # zero-shot writes there first
+            t0, earlier = time.time(), log_attempt(run_dir)
+            tgt_from = share_tgt(setting_dir, run_dir, argv, seed)
+            try:
+                lora_merge.main(argv)
+            except Exception as e:  # noqa: BLE001 - one broken row must not stop a piece of hours
+                print(f"[{args.setting}/{rid} seed {seed}] FAILED: {e!r}", flush=True)
+                failed.append(f"{rid} seed {seed}")
+                continue
+            lora_merge.write_json(run_dir / "run.json", {
+                "setting": args.setting, "row": rid, "seed": seed, "argv": argv,
+                "command": shlex.join(["python", "lora_merge.py", *argv]),
+                "runner_command": args.command_line, "tgt_from": tgt_from,
+                "wall_time_s": time.time() - t0 + earlier, "earlier_attempts_s": earlier,
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine()})
+    if failed:
+        print(f"failed ({len(failed)}): {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
+
+
+def cached(root: Path, setting: str, rid: str) -> list[dict]:
+    """The finished runs of one row, by seed: the per-seed result plus run.json as "run"."""
+    out = []
+    for res in sorted((root / setting / rid).glob("seed*-run/results.json")):
+        summary = json.loads(res.read_text())
+        run_json = res.parent / "run.json"
+        for r in summary["runs"]:
+            out.append({**r, "dir": str(res.parent), "args": summary["args"],
+                        "run": json.loads(run_json.read_text()) if run_json.is_file() else {}})
+    return sorted(out, key=lambda r: r["seed"])
+
+
+def list_rows(args) -> int:
+    for folder in sorted(Path(args.root).glob("modules/*/*")):
+        print(f"module {folder}: {'trained' if (folder / 'adapter_config.json').is_file() else 'unfinished'}")
+    for setting in SETTINGS:
+        for rid, row in rows(setting).items():
+            seeds = [r["seed"] for r in cached(Path(args.root), setting, rid)]
+            partial = [p.name for p in sorted((Path(args.root) / setting / rid).glob("seed*-run"))
+                       if not (p / "results.json").is_file()]
+            print(f"{setting}  {rid:24} {row['label']:34} {','.join(row['groups']):12} "
+                  f"cached seeds: {seeds or '-'}" + (f"  unfinished: {partial}" if partial else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# report: reads the cache only (and, once, the base model for Figure 5's importances)
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+
+
+def scores_of(runs: list[dict], metric: str) -> list[float]:
+    return [r["test"][metric] for r in runs]
+
+
+def pooled_test(task, runs_a: list[dict], runs_b: list[dict], refs: dict, shuffles: int) -> dict | None:
+    """Approximate randomization of A against B on the predictions of all their common seeds,
+    paired by (seed, example id): one test per row, as the module docstring says."""
+    def preds(runs):
+        return {(r["seed"], i): p for r in runs for i, p in
+                metrics.read_predictions(Path(r["dir"]) / f"seed{r['seed']}" / "predictions.jsonl").items()}
+    a, b = preds(runs_a), preds(runs_b)
+    keys = sorted(k for k in set(a) & set(b) if k[1] in refs)
+    if not keys:
+        return None
+    return metrics.approx_randomization(task, [a[k] for k in keys], [b[k] for k in keys],
+                                        [refs[k[1]] for k in keys], shuffles=shuffles)
+
+
+def chosen(runs: list[dict], scale: float = 1.0) -> str:
+    """The value picked by grid search on validation, per seed ("-" without a grid)."""
+    return ", ".join(f"{r['chosen'] * scale:g}" for r in runs if len(r.get("candidates", {})) > 1) or "-"
+
+
+def zeros(runs: list[dict]) -> str:
+    """Exact-zero fraction of the adapters at the chosen candidate, mean over adapters and seeds, %."""
+    vals = [statistics.mean(r["candidates"][f"{r['chosen']:g}"]["sparsity"].values()) * 100
+            for r in runs if "chosen" in r and r["candidates"][f"{r['chosen']:g}"].get("sparsity")]
+    return f"{statistics.mean(vals):.1f}" if vals else "-"
+
+
+def table2(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> list[str]:
+    lines = [f"| Row | {task.metric} (mean ± std) | seeds | Del% (per seed) | p vs LoRA (TGT) |", "|---|---|---|---|---|"]
+    for rid, row in rows(setting).items():
+        if "table2" not in row["groups"]:
+            continue
+        rs = runs[rid]
+        if not rs:
+            lines.append(f"| {row['label']} | not run | | | |")
+            continue
+        cell, p = mean_std(scores_of(rs, task.metric)), "-"
+        if refs is not None and rid != "lora-tgt" and runs["lora-tgt"]:
+            test = pooled_test(task, rs, runs["lora-tgt"], refs, shuffles)
+            if test is not None:
+                p, cell = f"{test['p']:.4f}", cell + (" †" if test["p"] < 0.05 else "")
+        lines.append(f"| {row['label']} | {cell} | {', '.join(str(r['seed']) for r in rs)} | {chosen(rs, 100)} | {p} |")
+    return lines
+
+
+def table4(setting: str, task, runs: dict) -> list[str]:
+    lines = [f"| Importance / Unit / Reset | {task.metric} (mean ± std) | seeds | Thresh (per seed) | "
+             "Del% (per seed) | zeros % |", "|---|---|---|---|---|---|"]
+    order = ["merge-tgt", *[f"abl-module-{i}-{z}" for i in ("input", "grad") for z in ("zero", "init")],
+             "merge-del-tgt", "abl-param-input-init", "abl-param-grad-zero", "abl-param-grad-init"]
+    labels = {"merge-tgt": rows(setting)["merge-tgt"]["label"] + " (no pruning)",
+              "merge-del-tgt": "Input / Parameter / Zero (= Merge+Del +TGT)"}
+    for rid in order:
+        rs, label = runs[rid], labels.get(rid) or rows(setting)[rid]["label"]
+        if not rs:
+            lines.append(f"| {label} | not run | | | | |")
+            continue
+        module = rid.startswith("abl-module")
+        lines.append(f"| {label} | {mean_std(scores_of(rs, task.metric))} | {', '.join(str(r['seed']) for r in rs)} | "
+                     f"{chosen(rs) if module else '-'} | {'-' if module or rid == 'merge-tgt' else chosen(rs, 100)} | "
+                     f"{zeros(rs)} |")
+    return lines
+
+
+def savefig(fig, path: Path):
+    import matplotlib.pyplot as plt
+    lora_merge.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def curve(ax, rs: list[dict], metric: str, label: str, scale: float = 1.0):
+    """Validation score against candidate value: mean ± std over the seeds."""
+    by_value = {}
+    for r in rs:
+        for v, c in r.get("candidates", {}).items():
+            if "val_scores" in c:
+                by_value.setdefault(float(v) * scale, []).append(c["val_scores"][metric])
+    xs = sorted(by_value)
+    if xs:
+        ax.errorbar(xs, [statistics.mean(by_value[x]) for x in xs],
+                    [statistics.stdev(by_value[x]) if len(by_value[x]) > 1 else 0 for x in xs], marker="o", capsize=3, label=label)
+    return bool(xs)
+
+
+def figure4(setting: str, task, runs: dict, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    done = [curve(left, runs[rid], task.metric, rows(setting)[rid]["label"]) for rid in runs if rid.startswith("abl-module")]
+    done += [curve(right, runs[rid], task.metric, rows(setting)[rid]["label"], 100)
+             for rid in ("merge-del", "merge-del-tgt", "abl-param-input-init", "abl-param-grad-zero", "abl-param-grad-init")]
+    left.set(xscale="log", xlabel="module threshold", ylabel=f"validation {task.metric}", title="Module")
+    right.set(xlabel="Del% (parameter)", ylabel=f"validation {task.metric}", title="Parameter")
+    for ax in (left, right):
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"Figure 4 ({setting}, {task.name}): validation score against pruning hyperparameter")
+    savefig(fig, path) if any(done) else plt.close(fig)
+    return any(done)
+
+
+def module_importances(run: dict, data_dir) -> list[dict]:
+    """Figure 5's numbers for one cached run: module-wise input importance of its final adapters on
+    its seed's validation subsample (as the merge measured them), cached as importance.json."""
+    path = Path(run["dir"]) / f"importance-seed{run['seed']}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    import model as M
+    import prune
+    a, seed = run["args"], run["seed"]
+    task = data.get_task(a["task"])
+    model, tok = M.load_model(a["model"], dtype=a["dtype"])
+    for folder in sorted((Path(run["dir"]) / f"seed{seed}" / "adapters").iterdir()):
+        M.load_adapter(model, folder, name=folder.name, trainable=False)
+    _, val = data.low_resource_splits(task.name, a["n_train"], a["n_val"], seed, data_dir or a["data_dir"])
+    batches = lora_merge.make_batches([data.encode(tok, task, e["document"], e["summary"]) for e in val],
+                                      a["micro_batch"] * 2, tok.pad_id)
+    norms = prune.collect_input_norms(model, ((b["input_ids"], b["attention_mask"]) for b in batches))
+    out = [{"module": p, "adapter": n, "importance": v}
+           for (p, n), v in prune.module_importance(prune.input_importance(model, norms)).items()]
+    lora_merge.write_json(path, out)
+    return out
+
+
+def figure5(setting: str, runs: dict, path: Path, data_dir) -> str | None:
+    import matplotlib.pyplot as plt
+    rs = [r for rid in ("merge-del-tgt", "merge-del") for r in runs[rid]
+          if (Path(r["dir"]) / f"seed{r['seed']}" / "adapters").is_dir()]
+    if not rs:
+        return None
+    values = module_importances(rs[0], data_dir)
+    projs = sorted({v["module"].rsplit(".", 1)[1] for v in values})
+    fig, axes = plt.subplots(1, len(projs), figsize=(5.5 * len(projs), 4), squeeze=False)
+    for ax, proj in zip(axes[0], projs):
+        for name in sorted({v["adapter"] for v in values}):
+            pts = sorted((int(v["module"].split(".layers.")[1].split(".")[0]), v["importance"]) for v in values
+                         if v["adapter"] == name and v["module"].endswith("." + proj))
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".", label=name)
+        ax.set(xlabel="layer", ylabel="mean |W| * ||X|| of the module", title=proj)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+    source = f"{Path(rs[0]['dir']).parent.name} seed {rs[0]['seed']}"
+    fig.suptitle(f"Figure 5 ({setting}): module-wise input importance of the final adapters of {source}")
+    savefig(fig, path)
+    return source
+
+
+def figure6(setting: str, task, runs: dict, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rid in ("lora-tgt", "merge", "merge-tgt", "merge-del", "merge-del-tgt"):
+        pts = [(n, scores_of(runs[rid if n == 50 else f"{rid}-n{n}"], task.metric)) for n in N_TRAIN]
+        pts = [(n, s) for n, s in pts if s]
+        if pts:
+            ax.errorbar([n for n, _ in pts], [statistics.mean(s) for _, s in pts],
+                        [statistics.stdev(s) if len(s) > 1 else 0 for _, s in pts], marker="o", capsize=3,
+                        label=rows(setting)[rid]["label"])
+    ax.set(xscale="log", xlabel="target training examples", ylabel=f"test {task.metric}",
+           title=f"Figure 6 ({setting}, {task.name}): training set size", xticks=N_TRAIN, xticklabels=N_TRAIN)
+    if not ax.lines:
+        plt.close(fig)
+        return False
+    ax.legend(fontsize=7)
+    savefig(fig, path)
+    return True
+
+
+def report(args) -> int:
+    root, out = Path(args.root), Path(args.out)
+    md, all_runs, modules = ["# Results", ""], [], sorted(root.glob("modules/*-run.json"))
+    md += ["Every number and figure here is generated by `experiments.py report` from the cached runs under "
+           f"`{root}`; nothing is typed by hand. Scores are x100 on the test split (`--max-test` limits it; see "
+           "the commands). † marks p < 0.05 in an approximate randomization test against LoRA (TGT), "
+           f"{args.shuffles} shuffles, on the seeds' predictions pooled into one sample of (seed, example) pairs "
+           "(for BLEU: corpus BLEU of the pooled sample). Del% is the grid-searched ratio chosen on validation "
+           "per seed; zeros % the exact-zero fraction of the adapters at the chosen candidate.", ""]
+    for setting, spec in SETTINGS.items():
+        task, runs = data.get_task(spec["task"]), {rid: cached(root, setting, rid) for rid in rows(setting)}
+        all_runs += [r for rs in runs.values() for r in rs]
+        related = ", ".join(f"{a} = `{t}`" for a, t in spec["related"].items())
+        md += [f"## {setting}: target `{task.name}` ({task.metric}), related {related}", "", "### Table 2", ""]
+        refs, data_dir = None, args.data_dir or next((r["args"]["data_dir"] for rs in runs.values() for r in rs), None)
+        try:
+            if runs["lora-tgt"]:
+                refs = {str(ex["id"]): ex["references"] for ex in data.load_split(task.name, "test", data_dir)}
+        except FileNotFoundError as e:
+            md += [f"(no significance marks: {e})", ""]
+        md += table2(setting, task, runs, refs, args.shuffles)
+        md += ["", "### Table 4 (ablation of Merge+Del, +TGT)", ""]
+        md += table4(setting, task, runs) if any(runs[r] for r in runs if r.startswith("abl-")) else ["not run"]
+        md += ["", "### Figures", ""]
+        for name, made in [(f"fig4_{setting}.png", figure4(setting, task, runs, out / f"fig4_{setting}.png")),
+                           (f"fig5_{setting}.png", figure5(setting, runs, out / f"fig5_{setting}.png", data_dir)),
+                           (f"fig6_{setting}.png", figure6(setting, task, runs, out / f"fig6_{setting}.png"))]:
+            md += [f"![{name}]({name})" + (f" (from {made})" if isinstance(made, str) else "") if made
+                   else f"{name.split('_')[0]}: not run", ""]
+    mods = [json.loads(p.read_text()) for p in modules]
+    commands = list(dict.fromkeys(r["run"]["runner_command"] for r in sorted(
+        all_runs, key=lambda r: r["run"].get("finished", "")) if r["run"].get("runner_command")))
+    machines = {json.dumps({k: v for k, v in r["run"]["machine"].items() if k != "host"}, sort_keys=True)
+                for r in all_runs + [{"run": m} for m in mods] if r["run"].get("machine")}
+    wall = sum(r["run"].get("wall_time_s", 0) for r in all_runs) + sum(m["wall_time_s"] for m in mods)
+    md += ["## How these were produced", "", "```", *[c for c in dict.fromkeys(m["command"] for m in mods)
+                                                       if c not in commands], *commands,
+           args.command_line, "```", "",
+           f"Runs cached: {len(all_runs)}; total wall time {wall / 3600:.2f} h ({wall:.0f} s; related-module "
+           f"training {sum(m['wall_time_s'] for m in mods):.0f} s of it).", "", "Machine(s):", "",
+           *[f"- {m}" for m in sorted(machines)], "", "<details><summary>every lora_merge command</summary>", "",
+           "```", *[r["run"]["command"] for r in all_runs if r["run"].get("command")], "```", "</details>", ""]
+    lora_merge.atomic_write(out / "README.md", lambda f: f.write("\n".join(md).encode()))
+    print(f"wrote {out / 'README.md'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command_line = shlex.join(["python", "experiments.py", *argv])
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run (setting, row, seed) units that are not cached yet")
+    r.add_argument("--setting", required=True, choices=list(SETTINGS))
+    r.add_argument("--rows", nargs="+", required=True, help="row ids or groups: all table2 table4 fig6")
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--max-test", type=int, default=None, help="score only the first N test examples")
+    r.add_argument("--data-dir", default=None, help="passed to lora_merge (default: $LORA_MERGE_DATA, else ./data)")
+    for s in (r, sub.add_parser("list", help="rows and their cached seeds"),
+              rep := sub.add_parser("report", help="results/README.md and figures from the cache")):
+        s.add_argument("--root", default="runs/experiments", help="the cache")
+    rep.add_argument("--out", default="results")
+    rep.add_argument("--data-dir", default=None, help="test references for the significance test "
+                                                       "(default: the runs' own --data-dir)")
+    rep.add_argument("--shuffles", type=int, default=10000, help="approximate randomization shuffles")
+    args = p.parse_args(argv)
+    args.command_line = command_line
+    if extra and args.command != "run":
+        p.error("lora_merge flags after -- go with `run` only")
+    return {"run": lambda: run(args, extra), "list": lambda: list_rows(args), "report": lambda: report(args)}[args.command]()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

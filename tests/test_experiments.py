@@ -1,0 +1,204 @@
+"""The experiment runner: row table, caching/resume of runs, and the report built from the cache."""
+import json
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+
+import data
+import eval as metrics
+import experiments as E
+import lora_merge
+
+DATA = Path(os.environ.get("LORA_MERGE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+TAG = "smollm2-135m-instruct"
+
+
+def fake_modules(root: Path):
+    """Related-module folders as the runner expects them, so that nothing trains stage 1."""
+    for spec in E.SETTINGS.values():
+        for task in spec["related"].values():
+            folder = root / "modules" / TAG / task
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "adapter_config.json").write_text("{}")
+
+
+def test_every_row_parses_as_lora_merge_flags(tmp_path):
+    fake_modules(tmp_path)
+    for setting, spec in E.SETTINGS.items():
+        table = E.rows(setting)
+        assert {"zero-shot", "lora-tgt", "merge", "merge-del-tgt", "abl-module-grad-init", "merge-del-n5"} <= set(table)
+        assert len([r for r in table if "table2" in table[r]["groups"]]) == 10
+        assert len([r for r in table if "table4" in table[r]["groups"]]) == 9  # Merge baseline + 8 configurations
+        folders = {a: str(tmp_path / "modules" / TAG / t) for a, t in spec["related"].items()}
+        for rid, row in table.items():
+            flags = [x for f in row["flags"] for x in
+                     (folders.values() if f == "@REL" else [folders[f[1:]]] if f.startswith("@") else [f])]
+            args, task = lora_merge.parse_args(["--task", spec["task"], *flags])
+            assert task.name == spec["task"]
+            if rid == "lora-tgt":  # LoRA (TGT): no related module, the target's only
+                assert args.method == "lora" and args.related == [] and args.with_target
+            if rid.startswith("merge-del"):
+                assert args.ratio == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+            if rid.startswith("abl-module"):
+                assert args.unit == "module" and len(args.threshold) > 1 and args.with_target
+
+
+def fake_main(calls):
+    """Stands in for lora_merge.main: records the call and writes what a finished run writes."""
+    def main(argv):
+        args, task = lora_merge.parse_args(argv)
+        calls.append({"argv": argv, "tgt_present": (Path(args.out) / f"seed{args.seeds[0]}" / "modules" / "TGT"
+                                                    / "adapter_config.json").is_file()})
+        seed = args.seeds[0]
+        if args.with_target:
+            tgt = Path(args.out) / f"seed{seed}" / "modules" / "TGT"
+            tgt.mkdir(parents=True, exist_ok=True)
+            (tgt / "adapter_config.json").write_text(json.dumps({"trained_by": args.out}))
+        result = {"seed": seed, "method": args.method, "test": {"rougeL": 30.0 + seed, "bleu": 5.0}}
+        lora_merge.write_json(Path(args.out) / f"seed{seed}" / "result.json", result)
+        summary = {"task": task.name, "args": vars(args), "seeds": args.seeds, "runs": [result], "wall_time_s": 1.0}
+        lora_merge.write_json(Path(args.out) / "results.json", summary)
+        return summary
+    return main
+
+
+def test_run_caches_each_seed_and_resumes(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    fake_modules(root)
+    calls = []
+    monkeypatch.setattr(lora_merge, "main", fake_main(calls))
+    tiny = ["--n-train", "4", "--n-val", "2", "--epochs", "1", "--batch-size", "2", "--micro-batch", "2",
+            "--max-source-tokens", "48"]
+    cmd = ["run", "--setting", "en", "--rows", "merge-del-tgt", "zero-shot", "lora-tgt", "--seeds", "0", "1",
+           "--root", str(root), "--max-test", "2", "--data-dir", str(DATA), "--", *tiny]
+    assert E.main(cmd) == 0
+    rows_called = [Path(c["argv"][c["argv"].index("--out") + 1]).parent.name for c in calls]
+    assert rows_called == ["lora-tgt"] * 2 + ["merge-del-tgt"] * 2 + ["zero-shot"] * 2  # LoRA (TGT) first
+    merge = [c for c in calls if "merge-del-tgt" in " ".join(c["argv"])]
+    assert all(c["tgt_present"] for c in merge)  # copied from LoRA (TGT), not trained again
+    assert str(root / "modules" / TAG / "dialogsum") in merge[0]["argv"]
+    assert calls[0]["argv"][-len(tiny):] == tiny and "--max-test" in calls[0]["argv"]
+    run_json = json.loads((root / "en" / "merge-del-tgt" / "seed1-run" / "run.json").read_text())
+    assert run_json["tgt_from"] == str(root / "en" / "lora-tgt" / "seed1-run" / "seed1" / "modules" / "TGT")
+    assert run_json["command"].startswith("python lora_merge.py --task scitldr") and run_json["wall_time_s"] >= 0
+    assert run_json["runner_command"] == "python experiments.py " + " ".join(cmd)
+
+    same = ["--task", "scitldr", "--method", "lora", "--related", "--with-target", "--seeds", "0", "--out",
+            str(tmp_path / "x"), "--data-dir", str(DATA), *tiny]
+    assert E.share_tgt(root / "en", tmp_path / "x", same + ["--n-val", "3"], 0) is None  # other subsample
+    assert E.share_tgt(root / "en", tmp_path / "x", same, 0).endswith("lora-tgt/seed0-run/seed0/modules/TGT")
+
+    calls.clear()
+    assert E.main(cmd) == 0
+    assert calls == []  # everything cached: lora_merge.main is never called again
+    (root / "en" / "zero-shot" / "seed1-run" / "results.json").unlink()  # as if killed in that run
+    assert E.main(cmd) == 0
+    assert len(calls) == 1 and calls[0]["argv"][calls[0]["argv"].index("--seeds") + 1] == "1"
+    attempts = json.loads((root / "en" / "zero-shot" / "seed1-run" / "attempts.json").read_text())
+    assert len(attempts) == 2 and attempts[0]["ended"] >= attempts[0]["started"]
+    run_json = json.loads((root / "en" / "zero-shot" / "seed1-run" / "run.json").read_text())
+    assert run_json["earlier_attempts_s"] == attempts[0]["ended"] - attempts[0]["started"]
+
+
+def test_failed_run_is_reported_and_not_cached(tmp_path, monkeypatch, capsys):
+    def broken(argv):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(lora_merge, "main", broken)
+    assert E.main(["run", "--setting", "ja", "--rows", "zero-shot", "--seeds", "0", "--root", str(tmp_path)]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    assert not (tmp_path / "ja" / "zero-shot" / "seed0-run" / "results.json").exists()
+    with pytest.raises(SystemExit):
+        E.main(["run", "--setting", "ja", "--rows", "no-such-row", "--root", str(tmp_path)])
+
+
+@pytest.mark.skipif(not (DATA / "scitldr").is_dir(), reason="needs the real data")
+def test_real_zero_shot_run_end_to_end(tmp_path):
+    """One real lora_merge run through the runner: embedded model, one test example."""
+    cmd = ["run", "--setting", "en", "--rows", "zero-shot", "--seeds", "0", "--root", str(tmp_path),
+           "--max-test", "1", "--data-dir", str(DATA), "--", "--dtype", "float32"]
+    assert E.main(cmd) == 0
+    run = E.cached(tmp_path, "en", "zero-shot")
+    assert len(run) == 1 and run[0]["n_test"] == 1 and 0 <= run[0]["test"]["rougeL"] <= 100
+    assert len(metrics.read_predictions(tmp_path / "en" / "zero-shot" / "seed0-run" / "seed0" / "predictions.jsonl")) == 1
+    mtime = (tmp_path / "en" / "zero-shot" / "seed0-run" / "results.json").stat().st_mtime
+    assert E.main(cmd) == 0  # cached: returns at once, nothing rewritten
+    assert (tmp_path / "en" / "zero-shot" / "seed0-run" / "results.json").stat().st_mtime == mtime
+
+
+# ----------------------------------------------------------------------------------------
+# report
+
+
+REFS = [f"the model learns summaries of paper number {i}" for i in range(8)]
+
+
+def write_cached(root: Path, data_dir: Path, row: str, seed: int, score: float, preds: list[str], chosen=None):
+    run_dir = root / "en" / row / f"seed{seed}-run"
+    result = {"seed": seed, "method": "merge", "test": {"rouge1": 1.0, "rouge2": 2.0, "rougeL": score, "bleu": 3.0}}
+    if chosen is not None:
+        result["chosen"] = chosen
+        result["candidates"] = {f"{v:g}": {"val_scores": {"rougeL": 20 + 10 * v + seed}, "sparsity": {"TGT": v}}
+                                for v in (0.1, 0.2, 0.3)}
+    args = {"task": "scitldr", "data_dir": str(data_dir), "n_train": 50}
+    lora_merge.write_json(run_dir / "results.json", {"task": "scitldr", "args": args, "seeds": [seed],
+                                                    "runs": [result], "wall_time_s": 10.0})
+    lora_merge.write_json(run_dir / "run.json", {"command": f"python lora_merge.py --task scitldr {row} {seed}",
+                                                "runner_command": "python experiments.py run --setting en",
+                                                "wall_time_s": 100.0 + seed, "finished": f"2025-01-0{seed + 1}",
+                                                "machine": {"cpu": "test cpu", "nproc": 2, "torch": "x"}})
+    (run_dir / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+    metrics.write_predictions(run_dir / f"seed{seed}" / "predictions.jsonl", [f"t{i}" for i in range(8)], preds)
+
+
+def cell(md: str, label: str) -> list[str]:
+    line = next(l for l in md.splitlines() if l.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_report_numbers_equal_the_cache(tmp_path):
+    data_dir, root, out = tmp_path / "data", tmp_path / "cache", tmp_path / "results"
+    (data_dir / "scitldr").mkdir(parents=True)
+    (data_dir / "scitldr" / "test.jsonl").write_text("".join(
+        json.dumps({"id": f"t{i}", "document": "doc", "summary": r}) + "\n" for i, r in enumerate(REFS)))
+    weak = [f"a survey of unrelated topic {i}" for i in range(8)]
+    scores = {"lora-tgt": [30.0, 31.5, 29.25], "merge": [40.0, 42.0, 41.0], "zero-shot": [10.0, 12.0, 17.0],
+              "merge-del-tgt": [35.0, 36.0, 37.5]}
+    preds = {"lora-tgt": weak, "merge": REFS, "zero-shot": weak, "merge-del-tgt": weak[:4] + REFS[4:]}
+    for row, values in scores.items():
+        for seed, v in enumerate(values):
+            write_cached(root, data_dir, row, seed, v, preds[row], chosen=0.1 * (seed + 1) if "del" in row else None)
+    importance = [{"module": f"model.layers.{l}.self_attn.{p}", "adapter": a, "importance": l + (a == "TGT")}
+                  for l in range(3) for p in ("q_proj", "v_proj") for a in ("TGT", "dialogsum")]
+    (root / "en" / "merge-del-tgt" / "seed0-run" / "seed0" / "adapters").mkdir(parents=True)
+    lora_merge.write_json(root / "en" / "merge-del-tgt" / "seed0-run" / "importance-seed0.json", importance)
+
+    assert E.main(["report", "--root", str(root), "--out", str(out), "--shuffles", "2000"]) == 0
+    md = (out / "README.md").read_text()
+    task = data.get_task("scitldr")
+    for row, values in scores.items():
+        label = E.rows("en")[row]["label"]
+        got = cell(md, label)
+        assert got[1].split(" †")[0] == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        assert got[2] == "0, 1, 2"
+        if row == "lora-tgt":
+            assert got[4] == "-" and "†" not in got[1]
+            continue
+        pooled = [p for _ in range(3) for p in preds[row]]
+        ref = metrics.approx_randomization(task, pooled, [p for _ in range(3) for p in weak],
+                                           [[r] for _ in range(3) for r in REFS], shuffles=2000)
+        assert got[4] == f"{ref['p']:.4f}" and ("†" in got[1]) == (ref["p"] < 0.05)
+    assert "†" in cell(md, E.rows("en")["merge"]["label"])[1]  # all 24 pairs better: significant
+    assert "†" not in cell(md, "Zero-shot")[1]  # the same predictions as LoRA (TGT): p = 1
+    assert cell(md, E.rows("en")["merge-del-tgt"]["label"])[3] == "10, 20, 30"  # chosen Del% per seed
+    assert cell(md, E.rows("en")["merge"]["label"])[3] == "-"  # one candidate: nothing was chosen
+    assert cell(md, E.rows("en")["lorahub"]["label"])[1] == "not run"
+    t4 = md.split("### Table 4")[1].split("###")[0]
+    assert t4.split("\n\n")[1] == "not run"  # no ablation row cached: merge-del-tgt alone is no Table 4
+    assert f"total wall time {sum(100.0 + s for s in range(3)) * 4 / 3600:.2f} h" in md
+    assert "test cpu" in md and "python experiments.py run --setting en" in md
+    for fig in ("fig4_en.png", "fig5_en.png", "fig6_en.png"):
+        assert (out / fig).stat().st_size > 1000 and f"]({fig})" in md
+    assert "fig4: not run" in md.split("## ja")[1] and "fig6: not run" in md.split("## ja")[1]
+    assert not list(out.glob(".*tmp*"))  # atomic writes leave no temp files
