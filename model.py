@@ -138,13 +138,14 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.rows = slice(None)  # prefill writes one sequence's row at a time
 
     def update(self, start: int, k, v):
-        """Write k, v [B, kvh, T, hd] at slots start..start+T and return everything filled so far."""
+        """Write k, v [b, kvh, T, hd] at slots start..start+T and return everything filled so far."""
         end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        self.k[self.rows, :, start:end] = k
+        self.v[self.rows, :, start:end] = v
+        return self.k[self.rows, :, :end], self.v[self.rows, :, :end]
 
 
 class Attention(nn.Module):
@@ -166,9 +167,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(cache_pos, k, v)  # [B, kvh, S, hd], S = cached + T
-        # enable_gqa shares each kv head with H/kvh query heads, the same as repeat_kv without the copy.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv != self.n_heads)  # [B, H, T, hd]
+        if T == 1 and self.n_kv != self.n_heads:
+            # Decoding one token: the H/kvh query heads of each kv head become the query axis, so
+            # this is plain attention per kv head (no causal part: one query sees every key).
+            # On CPU that is several times faster than enable_gqa for a single query.
+            g = q.view(B, self.n_kv, self.n_heads // self.n_kv, self.hd)  # [B, kvh, H/kvh, hd]
+            y = F.scaled_dot_product_attention(g, k, v, attn_mask=mask).view(B, self.n_heads, 1, self.hd)
+        else:
+            # enable_gqa shares each kv head with H/kvh query heads: repeat_kv without the copy.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_kv != self.n_heads)  # [B, H, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -618,11 +626,22 @@ def render_chat(template: str, messages, add_generation_prompt: bool, **special_
 
 
 @torch.no_grad()
-def prefill(model: Llama, ids, mask):
-    """Run the left-padded prompts [B, T] through the model, filling the cache; logits of the
-    last position only [B, vocab] (the vocab projection of every prompt position is waste)."""
-    h = model.hidden(ids, attention_mask=mask, cache_pos=0)  # [B, T, d]
-    return model.logits(h[:, -1])
+def prefill(model: Llama, prompts: list[list[int]], mask, T: int):
+    """Fill the cache with the prompts, right-aligned at slot T (left padding), and return the
+    logits of each last prompt token [B, vocab]. Each prompt runs alone at its own length, so
+    no compute goes to padding; only the last position gets the vocab projection."""
+    caches = [layer.self_attn.cache for layer in model.model.layers]
+    last = []
+    for i, p in enumerate(prompts):
+        for c in caches:
+            c.rows = slice(i, i + 1)
+        ids = torch.tensor([p], device=mask.device)  # [1, len]
+        h = model.hidden(ids, attention_mask=mask[i:i + 1, :T], positions=torch.arange(len(p), device=mask.device)[None],
+                         cache_pos=T - len(p))  # [1, len, d]
+        last.append(h[:, -1])
+    for c in caches:
+        c.rows = slice(None)
+    return model.logits(torch.cat(last))  # [B, vocab]
 
 
 @torch.no_grad()
@@ -642,15 +661,13 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, stop_i
     model.eval()
     device = model.model.embed_tokens.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=device)  # 1 = real token
     for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p, device=device)
         mask[i, T - len(p):T] = 1
     stop = torch.tensor(sorted(set(stop_ids)), device=device)
     model.setup_cache(B, T + max_new_tokens)
     try:
-        logits = prefill(model, ids, mask[:, :T])
+        logits = prefill(model, prompts, mask, T)
         positions = mask[:, :T].sum(-1, keepdim=True)  # [B, 1] next position of each sequence
         out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
