@@ -256,13 +256,13 @@ def train_module(model, tok, task_name: str, train_ex, val_ex, folder: Path, arg
     M.add_lora(model, "module", r=args.rank, alpha=args.alpha, dropout=args.dropout)
     cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, micro_batch=args.micro_batch,
                       epochs=args.epochs, patience=args.patience, seed=seed)
-    log = train(model, enc(train_ex), enc(val_ex), tok.pad_id, cfg, folder.with_name(folder.name + ".ckpt.pt"),
-                desc=f"stage1 {task_name}")
+    ckpt = folder.with_name(folder.name + ".ckpt.pt")
+    log = train(model, enc(train_ex), enc(val_ex), tok.pad_id, cfg, ckpt, desc=f"stage1 {task_name}")
     M.save_adapter(model, "module", folder, base_model=model_tag(args.model))
     write_json(folder / "train_log.json", {"task": task_name, "model": model_tag(args.model), "n_train": len(train_ex),
                                            "n_val": len(val_ex), "max_source_tokens": args.max_source_tokens,
                                            "dtype": args.dtype, "seed": seed, "config": asdict(cfg), **log})
-    folder.with_name(folder.name + ".ckpt.pt").unlink(missing_ok=True)
+    ckpt.unlink(missing_ok=True)
     M.remove_adapter(model, "module")
     return log
 
@@ -275,11 +275,16 @@ def ensure_related(model, tok, args) -> dict[str, Path]:
         folder = module_folder(name, args)
         if not (folder / "adapter_config.json").is_file():
             print(f"stage 1: training the {name} module ({args.max_train} examples)", flush=True)
-            train_ex = data.subsample(data.load_split(name, "train", args.data_dir), args.max_train, 0)
-            val_ex = data.subsample(data.load_split(name, "validation", args.data_dir), args.max_val, 1)
-            train_module(model, tok, name, train_ex, val_ex, folder, args, seed=0)
+            train_module(model, tok, name, *stage1_examples(name, args), folder, args, seed=0)
         folders[module_name(name)] = folder
     return folders
+
+
+def stage1_examples(task_name: str, args) -> tuple[list[dict], list[dict]]:
+    """A related task's stage-1 data: --max-train training and --max-val validation examples."""
+    train_ex = data.subsample(data.load_split(task_name, "train", args.data_dir), args.max_train, 0)
+    val_ex = data.subsample(data.load_split(task_name, "validation", args.data_dir), args.max_val, 1)
+    return train_ex, val_ex
 
 
 def module_name(name: str) -> str:
@@ -451,24 +456,22 @@ def summarize(results: list[dict], metric: str) -> dict:
 def main(argv=None) -> dict:
     args, task = parse_args(argv)
     t0 = time.time()
-    if args.method == "module":
-        model, tok = M.load_model(args.model, dtype=args.dtype)
-        train_ex = data.subsample(data.load_split(task.name, "train", args.data_dir), args.max_train, 0)
-        val_ex = data.subsample(data.load_split(task.name, "validation", args.data_dir), args.max_val, 1)
-        log = train_module(model, tok, task.name, train_ex, val_ex, Path(args.out), args, seed=args.seeds[0])
-        print(f"{task.name} module: validation loss {log['history'][0]['val_loss']:.4f} untrained -> "
-              f"{log['best_val_loss']:.4f}; {args.out}", flush=True)
-        return log
     try:
         model, tok = M.load_model(args.model, dtype=args.dtype)
         if tok is None:
             raise ValueError(f"--model {args.model}: the folder has no tokenizer.json")
         # Every module that exists is loaded once now: an adapter made for another base model
         # fails here, before any training.
-        load_modules(model, {module_name(n): module_folder(n, args) for n in args.related
-                             if (module_folder(n, args) / "adapter_config.json").is_file()})
+        folders = {module_name(n): module_folder(n, args) for n in args.related}
+        load_modules(model, {n: f for n, f in folders.items() if (f / "adapter_config.json").is_file()})
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
+    if args.method == "module":
+        log = train_module(model, tok, task.name, *stage1_examples(task.name, args), Path(args.out), args,
+                           seed=args.seeds[0])
+        print(f"{task.name} module: validation loss {log['history'][0]['val_loss']:.4f} untrained -> "
+              f"{log['best_val_loss']:.4f}; {args.out}", flush=True)
+        return log
     related = ensure_related(model, tok, args)
     results = [run_seed(model, tok, task, args, seed, related) for seed in args.seeds]
     summary = {"task": task.name, "args": {k: v for k, v in vars(args).items()}, "seeds": args.seeds,

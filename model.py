@@ -683,9 +683,8 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, stop_i
     finally:
         model.clear_cache()
         model.train(was_training)
-    gen = torch.stack(out, 1).tolist()  # [B, n_steps]
-    result = []
-    for row in gen:
-        cut = next((j + 1 for j, t in enumerate(row) if t in set(stop.tolist())), len(row))
+    stops, result = set(stop_ids), []
+    for row in torch.stack(out, 1).tolist():  # [B, n_steps]
+        cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
         result.append(row[:cut])
     return result
