@@ -98,6 +98,34 @@ def test_prune_step_changes_weights_only_where_the_rules_say(tiny, reset):
         assert not torch.equal(W.detach(), start[key])  # the step itself changed the matrix
 
 
+def test_micro_batches_cut_to_their_own_length_give_the_full_batch_gradient(tiny):
+    """step_loss sorts a step's examples by length and drops each micro-batch's padding columns:
+    the loss and gradients must equal one forward/backward over the whole padded batch."""
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for n in (5, 12, 7, 9, 3):  # right padded, as data.collate pads for training
+        ids = torch.randint(0, 300, (n,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
+    batch = LM.make_batches(examples, 5, pad_id=0, seed=1)[0]
+    assert batch["input_ids"].shape == (5, 12)
+    grads = []
+    for micro in (5, 2):
+        tiny.zero_grad(set_to_none=True)
+        loss = LM.step_loss(tiny, batch, micro)
+        grads.append((loss, {n: p.grad.clone() for n, p in tiny.named_parameters() if p.requires_grad}))
+    (loss_full, full), (loss_cut, cut) = grads
+    assert abs(loss_full - loss_cut) < 1e-5
+    for n in full:
+        torch.testing.assert_close(cut[n], full[n], rtol=1e-4, atol=1e-6)
+
+
+def test_evaluation_batches_group_similar_lengths_and_keep_every_example():
+    examples = [{"input_ids": [1] * n, "labels": [1] * n} for n in (9, 2, 7, 3, 8, 1)]
+    batches = LM.make_batches(examples, 2, pad_id=0)  # seed None: evaluation order
+    assert [b["input_ids"].shape[1] for b in batches] == [2, 7, 9]
+    assert sorted(int(n) for b in batches for n in b["attention_mask"].sum(1)) == [1, 2, 3, 7, 8, 9]
+
+
 def test_killed_training_resumes_to_the_same_weights(tiny, tmp_path):
     train_set = [{k: v[i].tolist() for k, v in token_batches(4, 5).items() if k != "attention_mask"} for i in range(4)]
     val_set = train_set[:2]
