@@ -3,7 +3,7 @@
     python experiments.py list                                         # rows, and which are cached
     python experiments.py run --setting ja --rows table2 --seeds 0 1 2 --data-dir ../shared/data
     python experiments.py run --setting ja --rows merge-del-tgt --seeds 0 -- --epochs 2   # lora_merge flags
-    python experiments.py report --out results                         # tables + figures, cache only
+    python experiments.py report                                       # results/: tables + figures, cache only
 
 One (setting, row, seed) is one `lora_merge.main` call into <root>/<setting>/<row>/seed<k>-run: the
 cache unit. A run whose results.json exists is never recomputed, so a killed piece is restarted
@@ -419,6 +419,8 @@ def report(args) -> int:
            f"{args.shuffles} shuffles, on the seeds' predictions pooled into one sample of (seed, example) pairs "
            "(for BLEU: corpus BLEU of the pooled sample). Del% is the grid-searched ratio chosen on validation "
            "per seed; zeros % the exact-zero fraction of the adapters at the chosen candidate.", ""]
+    notes = out / "discussion.md"  # the one hand-written part: prose about the tables, kept apart
+    md += [notes.read_text().strip(), ""] if notes.is_file() else []
     for setting, spec in SETTINGS.items():
         task, runs = data.get_task(spec["task"]), {rid: cached(root, setting, rid) for rid in rows(setting)}
         all_runs += [r for rs in runs.values() for r in rs]
@@ -477,7 +479,8 @@ def main(argv=None) -> int:
     r.add_argument("--data-dir", default=None, help="passed to lora_merge (default: $LORA_MERGE_DATA, else ./data)")
     for s in (r, sub.add_parser("list", help="rows and their cached seeds"),
               rep := sub.add_parser("report", help="results/README.md and figures from the cache")):
-        s.add_argument("--root", default="runs/experiments", help="the cache")
+        s.add_argument("--root", default="results/runs", help="the cache (its small files are committed: "
+                                                               "results/runs/.gitignore)")
     rep.add_argument("--out", default="results")
     rep.add_argument("--data-dir", default=None, help="test references for the significance test "
                                                        "(default: the runs' own --data-dir)")

@@ -177,8 +177,12 @@ def test_report_numbers_equal_the_cache(tmp_path):
     (root / "en" / "merge-del-tgt" / "seed0-run" / "seed0" / "adapters").mkdir(parents=True)
     lora_merge.write_json(root / "en" / "merge-del-tgt" / "seed0-run" / "importance-seed0.json", importance)
 
+    out.mkdir()
+    (out / "discussion.md").write_text("## Discussion\n\nHand-written prose about the tables.\n")
     assert E.main(["report", "--root", str(root), "--out", str(out), "--shuffles", "2000"]) == 0
     md = (out / "README.md").read_text()
+    assert "## Discussion\n\nHand-written prose about the tables.\n" in md  # kept verbatim, before the tables
+    assert md.index("## Discussion") < md.index("### Table 2")
     task = data.get_task("scitldr")
     for row, values in scores.items():
         label = E.rows("en")[row]["label"]
