@@ -58,16 +58,16 @@ TGT_FLAGS = ("model", "dtype", "n_train", "n_val", "max_source_tokens", "epochs"
              "batch_size", "micro_batch", "rank", "alpha", "dropout", "data_dir")  # what TGT depends on
 
 
-def rows(setting: str) -> dict[str, dict]:
+def rows(setting: str, ratios: list[str] = RATIOS) -> dict[str, dict]:
     """row id -> {"label", "groups", "flags"}; "@REL" in flags stands for all related module folders,
-    "@DS" etc. for one."""
+    "@DS" etc. for one. `ratios`: the Del% grid of the parameter-unit pruning rows."""
     rel = SETTINGS[setting]["related"]
     names = "+".join(rel)
     out = {"zero-shot": ("Zero-shot", ["--method", "zero-shot"])}
     out.update({f"lora-{a}": (f"LoRA ({a})", ["--method", "lora", "--related", f"@{a}"]) for a in rel})
     out["lora-tgt"] = ("LoRA (TGT)", ["--method", "lora", "--related", "--with-target"])
     for rid, label, flags in [("lorahub", "LoRAHub", ["--method", "lorahub"]),
-                              ("merge", "Merge", ["--ratio", "0"]), ("merge-del", "Merge+Del", ["--ratio", *RATIOS])]:
+                              ("merge", "Merge", ["--ratio", "0"]), ("merge-del", "Merge+Del", ["--ratio", *ratios])]:
         out[rid] = (f"{label} ({names})", [*flags, "--related", "@REL"])
         out[f"{rid}-tgt"] = (f"{label} ({names}+TGT)", [*flags, "--related", "@REL", "--with-target"])
     table = {rid: {"label": label, "groups": ["table2"], "flags": flags} for rid, (label, flags) in out.items()}
@@ -82,7 +82,7 @@ def rows(setting: str) -> dict[str, dict]:
             if (imp, reset) != ("input", "zero"):  # that one is merge-del-tgt, the paper's method
                 table[f"abl-param-{imp}-{reset}"] = {
                     "label": f"{imp.capitalize()} / Parameter / {reset.capitalize()}", "groups": ["table4"],
-                    "flags": ["--ratio", *RATIOS, "--importance", imp, "--reset", reset, "--related", "@REL",
+                    "flags": ["--ratio", *ratios, "--importance", imp, "--reset", reset, "--related", "@REL",
                               "--with-target"]}
     for rid in ("lora-tgt", "merge", "merge-tgt", "merge-del", "merge-del-tgt"):
         table[rid]["groups"].append("fig6")
@@ -169,7 +169,7 @@ def log_attempt(run_dir: Path) -> float:
 
 
 def run(args, extra: list[str]) -> int:
-    setting_dir, table, failed = Path(args.root) / args.setting, rows(args.setting), []
+    setting_dir, table, failed = Path(args.root) / args.setting, rows(args.setting, args.ratios), []
     common = [*(["--data-dir", args.data_dir] if args.data_dir else []),
               *(["--max-test", str(args.max_test)] if args.max_test else [])]
     for rid in select(args.setting, args.rows):
@@ -477,6 +477,9 @@ def main(argv=None) -> int:
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--max-test", type=int, default=None, help="score only the first N test examples")
     r.add_argument("--data-dir", default=None, help="passed to lora_merge (default: $LORA_MERGE_DATA, else ./data)")
+    r.add_argument("--ratios", nargs="+", default=RATIOS, help="Del%% grid of the Merge+Del and parameter-unit "
+                   "ablation rows, as lora_merge's --ratio takes it (default: the paper's 0.1:0.6:0.1); a flag "
+                   "after -- cannot do this, as it would also turn the Merge rows' ratio 0 into a grid")
     for s in (r, sub.add_parser("list", help="rows and their cached seeds"),
               rep := sub.add_parser("report", help="results/README.md and figures from the cache")):
         s.add_argument("--root", default="results/runs", help="the cache (its small files are committed: "

@@ -105,6 +105,18 @@ def test_run_caches_each_seed_and_resumes(tmp_path, monkeypatch):
     assert run_json["earlier_attempts_s"] == attempts[0]["ended"] - attempts[0]["started"]
 
 
+def test_ratios_flag_sets_the_del_grid_and_leaves_merge_at_zero(tmp_path, monkeypatch):
+    fake_modules(tmp_path)
+    calls = []
+    monkeypatch.setattr(lora_merge, "main", fake_main(calls))
+    assert E.main(["run", "--setting", "en", "--rows", "merge", "merge-del", "abl-param-grad-init", "--seeds", "0",
+                   "--ratios", "0.1", "0.5", "--root", str(tmp_path), "--data-dir", str(DATA)]) == 0
+    ratio = {Path(c["argv"][c["argv"].index("--out") + 1]).parent.name:
+             c["argv"][c["argv"].index("--ratio") + 1:c["argv"].index("--ratio") + 3] for c in calls}
+    assert ratio["merge"][0] == "0" and ratio["merge"][1].startswith("--")
+    assert ratio["merge-del"] == ["0.1", "0.5"] and ratio["abl-param-grad-init"] == ["0.1", "0.5"]
+
+
 def test_failed_run_is_reported_and_not_cached(tmp_path, monkeypatch, capsys):
     def broken(argv):
         raise RuntimeError("boom")
