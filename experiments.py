@@ -9,6 +9,8 @@ One (setting, row, seed) is one `lora_merge.main` call into <root>/<setting>/<ro
 cache unit. A run whose results.json exists is never recomputed, so a killed piece is restarted
 with the same command: finished runs are skipped and a half-finished one resumes from lora_merge's
 per-epoch checkpoints. Each finished run also gets run.json: its exact command, wall time, machine.
+A cached run made with other flags (another budget) is not rerun but reported as a failure, so one
+table never mixes budgets silently: give each budget its own --root.
 
 Choices:
 - Related modules are trained once per setting by lora_merge's stage 1 (seed 0, all settings'
@@ -168,6 +170,23 @@ def log_attempt(run_dir: Path) -> float:
     return sum(a["ended"] - a["started"] for a in attempts[:-1])
 
 
+def substitute(flags: list[str], folders: dict[str, str]) -> list[str]:
+    """A row's flags with "@REL" / "@DS" replaced by the related modules' folders (or names)."""
+    return [x for f in flags for x in (folders.values() if f == "@REL" else
+                                       [folders[f[1:]]] if f.startswith("@") else [f])]
+
+
+def cached_argv(run_dir: Path) -> list[str] | None:
+    path = run_dir / "run.json"
+    return json.loads(path.read_text())["argv"] if path.is_file() else None
+
+
+def comparable(argv: list[str]) -> list[str]:
+    """argv with every path cut to its last part: the same run made in another clone (or with
+    the modules named rather than given as folders) compares equal."""
+    return [Path(a).name if "/" in a else a for a in argv]
+
+
 def run(args, extra: list[str]) -> int:
     setting_dir, table, failed = Path(args.root) / args.setting, rows(args.setting, args.ratios), []
     common = [*(["--data-dir", args.data_dir] if args.data_dir else []),
@@ -175,16 +194,21 @@ def run(args, extra: list[str]) -> int:
     for rid in select(args.setting, args.rows):
         for seed in args.seeds:
             run_dir = setting_dir / rid / f"seed{seed}-run"
+            argv_of = lambda folders: ["--task", SETTINGS[args.setting]["task"], *substitute(table[rid]["flags"], folders),
+                                       "--seeds", str(seed), "--out", str(run_dir), *common, *extra]
             if (run_dir / "results.json").is_file():
-                print(f"[{args.setting}/{rid} seed {seed}] cached: {run_dir}", flush=True)
+                before = cached_argv(run_dir)
+                if before is not None and comparable(before) != comparable(argv_of(SETTINGS[args.setting]["related"])):
+                    print(f"[{args.setting}/{rid} seed {seed}] cached with other flags, not rerun (a budget of "
+                          f"its own wants its own --root): {shlex.join(before)}", flush=True)
+                    failed.append(f"{rid} seed {seed} (other flags)")
+                else:
+                    print(f"[{args.setting}/{rid} seed {seed}] cached: {run_dir}", flush=True)
                 continue
-            flags = table[rid]["flags"]
-            if any(f.startswith("@") for f in flags):
+            folders = {}
+            if any(f.startswith("@") for f in table[rid]["flags"]):
                 folders = ensure_modules(args.setting, Path(args.root), common + extra, args.command_line)
-                flags = [x for f in flags for x in (folders.values() if f == "@REL" else
-                                                    [folders[f[1:]]] if f.startswith("@") else [f])]
-            argv = ["--task", SETTINGS[args.setting]["task"], *flags, "--seeds", str(seed), "--out", str(run_dir),
-                    *common, *extra]
+            argv = argv_of(folders)
             print(f"[{args.setting}/{rid} seed {seed}] python lora_merge.py {shlex.join(argv)}", flush=True)
             (run_dir / f"seed{seed}").mkdir(parents=True, exist_ok=True)  # zero-shot writes there first
             t0, earlier = time.time(), log_attempt(run_dir)

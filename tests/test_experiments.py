@@ -105,7 +105,7 @@ def test_run_caches_each_seed_and_resumes(tmp_path, monkeypatch):
     assert run_json["earlier_attempts_s"] == attempts[0]["ended"] - attempts[0]["started"]
 
 
-def test_ratios_flag_sets_the_del_grid_and_leaves_merge_at_zero(tmp_path, monkeypatch):
+def test_ratios_flag_sets_the_del_grid_and_leaves_merge_at_zero(tmp_path, monkeypatch, capsys):
     fake_modules(tmp_path)
     calls = []
     monkeypatch.setattr(lora_merge, "main", fake_main(calls))
@@ -115,6 +115,15 @@ def test_ratios_flag_sets_the_del_grid_and_leaves_merge_at_zero(tmp_path, monkey
              c["argv"][c["argv"].index("--ratio") + 1:c["argv"].index("--ratio") + 3] for c in calls}
     assert ratio["merge"][0] == "0" and ratio["merge"][1].startswith("--")
     assert ratio["merge-del"] == ["0.1", "0.5"] and ratio["abl-param-grad-init"] == ["0.1", "0.5"]
+
+    # another budget over the same cache: refused per run, nothing recomputed or overwritten
+    calls.clear()
+    before = (tmp_path / "en" / "merge-del" / "seed0-run" / "results.json").read_text()
+    assert E.main(["run", "--setting", "en", "--rows", "merge", "merge-del", "--seeds", "0", "--ratios", "0.2",
+                   "--root", str(tmp_path), "--data-dir", str(DATA)]) == 1
+    out = capsys.readouterr().out
+    assert calls == [] and "[en/merge-del seed 0] cached with other flags" in out and "[en/merge seed 0] cached:" in out
+    assert (tmp_path / "en" / "merge-del" / "seed0-run" / "results.json").read_text() == before
 
 
 def test_failed_run_is_reported_and_not_cached(tmp_path, monkeypatch, capsys):
