@@ -260,7 +260,9 @@ def list_rows(args) -> int:
 
 
 def mean_std(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+    """"mean ± std" over seeds; one seed has no spread to show, so just its score."""
+    mean = f"{statistics.mean(values):.2f}"
+    return f"{mean} ± {statistics.stdev(values):.2f}" if len(values) > 1 else mean
 
 
 def scores_of(runs: list[dict], metric: str) -> list[float]:

@@ -41,6 +41,7 @@ import warnings
 import nevergrad as ng
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import data
 import lora_merge
@@ -121,7 +122,7 @@ def search(model, batches: list[dict], names: list[str], budget: int, seed: int)
     with warnings.catch_warnings():
         # nevergrad hands scipy's COBYLA a stopping radius scipy corrects itself; harmless
         warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND")
-        for _ in range(budget):  # what opt.minimize does with one worker, keeping the history
+        for _ in tqdm(range(budget), desc="lorahub", mininterval=10):  # opt.minimize with one worker, keeping the history
             cand = opt.ask()
             history.append(objective(model, batches, tensors, cand.value))
             opt.tell(cand, history[-1])
