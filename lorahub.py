@@ -141,7 +141,7 @@ def fit(model, tok, task, modules: dict, train_ex: list[dict], seed: int, args) 
     """LoRAHub on the target training examples: load the modules, tokenize, search. The model is
     left with only the merged adapter, ready for decoding."""
     lora_merge.load_modules(model, modules, trainable=False)
-    enc = [data.encode(tok, task, e["document"], e["summary"]) for e in train_ex]
+    enc = [data.encode(tok, task, e["document"], e["summary"], args.max_source_tokens) for e in train_ex]
     batches = lora_merge.make_batches(enc, args.micro_batch * 2, tok.pad_id)  # no grad: 2x fits
     result = search(model, batches, list(modules), args.lorahub_budget, seed)
     w = ", ".join(f"{k} {v:+.3f}" for k, v in result["lorahub_weights"].items())

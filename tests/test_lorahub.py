@@ -160,7 +160,7 @@ def test_fit_loads_folders_tokenizes_and_merges(base, tmp_path):
         M.save_adapter(src, n, tmp_path / n)
         folders[n] = tmp_path / n
     train_ex = [{"document": f"document number {i} " * 3, "summary": f"summary {i}"} for i in range(5)]
-    args = SimpleNamespace(lorahub_budget=6, micro_batch=2, batch_size=4)
+    args = SimpleNamespace(lorahub_budget=6, micro_batch=2, batch_size=4, max_source_tokens=None)
     model, _ = M.load_model(base)
     M.add_lora(model, "leftover")  # fit starts from exactly the given modules
     out = lorahub.fit(model, CharTokenizer(), data.get_task("scitldr"), folders, train_ex, seed=0, args=args)
@@ -175,3 +175,21 @@ def test_fit_loads_folders_tokenizes_and_merges(base, tmp_path):
     ids = M.generate(model, [[5, 6, 7]], max_new_tokens=3, stop_ids=[1])  # ready for decoding
     assert len(ids[0]) <= 3
     json.dumps(out)  # merged into result.json
+
+
+@pytest.mark.parametrize("cut", [None, 5])
+def test_fit_cuts_documents_to_max_source_tokens(base, tmp_path, monkeypatch, cut):
+    """--max-source-tokens reaches LoRAHub's training examples as it reaches every other path."""
+    src = with_modules(base, NAMES[:1])
+    M.save_adapter(src, NAMES[0], tmp_path / NAMES[0])
+    seen = []
+    monkeypatch.setattr(lorahub, "search", lambda model, batches, names, budget, seed: seen.extend(batches) or
+                        {"lorahub_weights": {NAMES[0]: 0.0}, "lorahub_objective": 0.0, "lorahub_history": [0.0]})
+    task, tok = data.get_task("scitldr"), CharTokenizer()
+    train_ex = [{"document": "a long document " * 10, "summary": "s"}]
+    args = SimpleNamespace(lorahub_budget=1, micro_batch=1, batch_size=1, max_source_tokens=cut)
+    model, _ = M.load_model(base)
+    lorahub.fit(model, tok, task, {NAMES[0]: tmp_path / NAMES[0]}, train_ex, seed=0, args=args)
+    want = data.encode(tok, task, train_ex[0]["document"], "s", cut)["input_ids"]
+    assert seen[0]["input_ids"][0].tolist() == want
+    assert (len(want) < len(data.encode(tok, task, train_ex[0]["document"], "s")["input_ids"])) == (cut is not None)
