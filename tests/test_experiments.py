@@ -230,3 +230,16 @@ def test_report_numbers_equal_the_cache(tmp_path):
         assert (out / fig).stat().st_size > 1000 and f"]({fig})" in md
     assert "fig4: not run" in md.split("## ja")[1] and "fig6: not run" in md.split("## ja")[1]
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temp files
+
+
+def test_committed_results_are_the_report_of_the_committed_cache(tmp_path, monkeypatch):
+    """results/README.md is exactly what `experiments.py report` makes of the committed cache
+    results/runs: no number in it was typed or left stale after a run was added."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the cached runs name their data as ../shared/data, beside the repository
+    (tmp_path / "discussion.md").write_text((repo / "results" / "discussion.md").read_text())
+    assert E.main(["report", "--root", "results/runs", "--out", str(tmp_path)]) == 0
+    strip = lambda md: [line for line in md.splitlines() if not line.startswith("python experiments.py report")]
+    assert strip((tmp_path / "README.md").read_text()) == strip((repo / "results" / "README.md").read_text())
+    for fig in (repo / "results").glob("fig*.png"):
+        assert (tmp_path / fig.name).is_file(), f"{fig.name} is committed but no longer made from the cache"
