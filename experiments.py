@@ -269,13 +269,16 @@ def scores_of(runs: list[dict], metric: str) -> list[float]:
     return [r["test"][metric] for r in runs]
 
 
+def predictions(runs: list[dict]) -> dict[tuple[int, str], str]:
+    """(seed, example id) -> test prediction, over all the row's seeds."""
+    return {(r["seed"], i): p for r in runs for i, p in
+            metrics.read_predictions(Path(r["dir"]) / f"seed{r['seed']}" / "predictions.jsonl").items()}
+
+
 def pooled_test(task, runs_a: list[dict], runs_b: list[dict], refs: dict, shuffles: int) -> dict | None:
     """Approximate randomization of A against B on the predictions of all their common seeds,
     paired by (seed, example id): one test per row, as the module docstring says."""
-    def preds(runs):
-        return {(r["seed"], i): p for r in runs for i, p in
-                metrics.read_predictions(Path(r["dir"]) / f"seed{r['seed']}" / "predictions.jsonl").items()}
-    a, b = preds(runs_a), preds(runs_b)
+    a, b = predictions(runs_a), predictions(runs_b)
     keys = sorted(k for k in set(a) & set(b) if k[1] in refs)
     if not keys:
         return None
@@ -295,21 +298,30 @@ def zeros(runs: list[dict]) -> str:
     return f"{statistics.mean(vals):.1f}" if vals else "-"
 
 
+def length_ratio(runs: list[dict], refs: dict) -> str:
+    """Mean prediction length over mean length of the first reference, in characters, on the same
+    examples: a small model's failure to stop (>> 1) or to say enough (<< 1) shows up here."""
+    pairs = [(p, refs[i][0]) for (_, i), p in predictions(runs).items() if i in refs]
+    return f"{sum(len(p) for p, _ in pairs) / sum(len(r) for _, r in pairs):.2f}" if pairs else "-"
+
+
 def table2(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> list[str]:
-    lines = [f"| Row | {task.metric} (mean ± std) | seeds | Del% (per seed) | p vs LoRA (TGT) |", "|---|---|---|---|---|"]
+    lines = [f"| Row | {task.metric} (mean ± std) | seeds | Del% (per seed) | p vs LoRA (TGT) | length / ref |",
+             "|---|---|---|---|---|---|"]
     for rid, row in rows(setting).items():
         if "table2" not in row["groups"]:
             continue
         rs = runs[rid]
         if not rs:
-            lines.append(f"| {row['label']} | not run | | | |")
+            lines.append(f"| {row['label']} | not run | | | | |")
             continue
         cell, p = mean_std(scores_of(rs, task.metric)), "-"
         if refs is not None and rid != "lora-tgt" and runs["lora-tgt"]:
             test = pooled_test(task, rs, runs["lora-tgt"], refs, shuffles)
             if test is not None:
                 p, cell = f"{test['p']:.4f}", cell + (" †" if test["p"] < 0.05 else "")
-        lines.append(f"| {row['label']} | {cell} | {', '.join(str(r['seed']) for r in rs)} | {chosen(rs, 100)} | {p} |")
+        lines.append(f"| {row['label']} | {cell} | {', '.join(str(r['seed']) for r in rs)} | {chosen(rs, 100)} | {p} | "
+                     f"{length_ratio(rs, refs) if refs is not None else '-'} |")
     return lines
 
 
@@ -444,7 +456,8 @@ def report(args) -> int:
            "the commands). † marks p < 0.05 in an approximate randomization test against LoRA (TGT), "
            f"{args.shuffles} shuffles, on the seeds' predictions pooled into one sample of (seed, example) pairs "
            "(for BLEU: corpus BLEU of the pooled sample). Del% is the grid-searched ratio chosen on validation "
-           "per seed; zeros % the exact-zero fraction of the adapters at the chosen candidate.", ""]
+           "per seed; zeros % the exact-zero fraction of the adapters at the chosen candidate; length / ref the mean "
+           "prediction length over the mean reference length, in characters.", ""]
     notes = out / "discussion.md"  # the one hand-written part: prose about the tables, kept apart
     md += [notes.read_text().strip(), ""] if notes.is_file() else []
     for setting, spec in SETTINGS.items():

@@ -210,6 +210,8 @@ def test_report_numbers_equal_the_cache(tmp_path):
         got = cell(md, label)
         assert got[1].split(" †")[0] == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
         assert got[2] == "0, 1, 2"
+        chars = lambda texts: sum(len(t) for t in texts)
+        assert got[5] == f"{chars(preds[row]) / chars(REFS):.2f}"  # same examples each seed: the ratio of one
         if row == "lora-tgt":
             assert got[4] == "-" and "†" not in got[1]
             continue
