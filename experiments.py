@@ -407,8 +407,10 @@ def module_importances(run: dict, data_dir) -> list[dict]:
 
 def figure5(setting: str, runs: dict, path: Path, data_dir) -> str | None:
     import matplotlib.pyplot as plt
+    # the cached importances (committed) or the final adapters to measure them from (not committed)
     rs = [r for rid in ("merge-del-tgt", "merge-del") for r in runs[rid]
-          if (Path(r["dir"]) / f"seed{r['seed']}" / "adapters").is_dir()]
+          if (Path(r["dir"]) / f"importance-seed{r['seed']}.json").is_file()
+          or (Path(r["dir"]) / f"seed{r['seed']}" / "adapters").is_dir()]
     if not rs:
         return None
     values = module_importances(rs[0], data_dir)

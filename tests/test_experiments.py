@@ -195,7 +195,6 @@ def test_report_numbers_equal_the_cache(tmp_path):
             write_cached(root, data_dir, row, seed, v, preds[row], chosen=0.1 * (seed + 1) if "del" in row else None)
     importance = [{"module": f"model.layers.{l}.self_attn.{p}", "adapter": a, "importance": l + (a == "TGT")}
                   for l in range(3) for p in ("q_proj", "v_proj") for a in ("TGT", "dialogsum")]
-    (root / "en" / "merge-del-tgt" / "seed0-run" / "seed0" / "adapters").mkdir(parents=True)
     lora_merge.write_json(root / "en" / "merge-del-tgt" / "seed0-run" / "importance-seed0.json", importance)
 
     out.mkdir()
