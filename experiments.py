@@ -396,7 +396,7 @@ def module_importances(run: dict, data_dir) -> list[dict]:
     for folder in sorted((Path(run["dir"]) / f"seed{seed}" / "adapters").iterdir()):
         M.load_adapter(model, folder, name=folder.name, trainable=False)
     _, val = data.low_resource_splits(task.name, a["n_train"], a["n_val"], seed, data_dir or a["data_dir"])
-    batches = lora_merge.make_batches([data.encode(tok, task, e["document"], e["summary"]) for e in val],
+    batches = lora_merge.make_batches(lora_merge.encode_examples(tok, task, val, a["max_source_tokens"]),
                                       a["micro_batch"] * 2, tok.pad_id)
     norms = prune.collect_input_norms(model, ((b["input_ids"], b["attention_mask"]) for b in batches))
     out = [{"module": p, "adapter": n, "importance": v}

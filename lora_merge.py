@@ -66,6 +66,13 @@ class TrainConfig:
 # Batches and losses
 
 
+def encode_examples(tok, task, examples: list[dict], max_source_tokens: int | None = None) -> list[dict]:
+    """data.encode over {"document", "summary"} examples. Every path that trains or scores on
+    examples (stage 1, the merge, LoRAHub, Figure 5) goes through here, so --max-source-tokens
+    reaches them all."""
+    return [data.encode(tok, task, e["document"], e["summary"], max_source_tokens) for e in examples]
+
+
 def make_batches(encoded: list[dict], size: int, pad_id: int, seed: int | None = None) -> list[dict]:
     """Right-padded batches; shuffled with `seed` (per epoch). With seed None (evaluation: sums
     over all tokens, so order does not matter) examples of similar length share a batch, which
@@ -258,7 +265,7 @@ def module_folder(name: str, args) -> Path:
 def train_module(model, tok, task_name: str, train_ex, val_ex, folder: Path, args, seed: int) -> dict:
     """Stage 1: one fresh LoRA on a task, saved as a PEFT folder with its training log."""
     task = data.get_task(task_name)
-    enc = lambda exs: [data.encode(tok, task, e["document"], e["summary"], args.max_source_tokens) for e in exs]
+    enc = lambda exs: encode_examples(tok, task, exs, args.max_source_tokens)
     for n in M.adapter_names(model):
         M.remove_adapter(model, n)
     torch.manual_seed(seed)
@@ -344,8 +351,7 @@ def run_seed(model, tok, task, args, seed: int, related: dict[str, Path]) -> dic
 def merge_search(model, tok, task, modules, train_ex, val_ex, out: Path, args, seed: int) -> dict:
     """Stage 2 for each candidate Del% (or module threshold); with several candidates, each is
     scored on the validation set by the task metric and the best one is kept (grid search)."""
-    enc = lambda exs: [data.encode(tok, task, e["document"], e["summary"], args.max_source_tokens) for e in exs]
-    train_enc, val_enc = enc(train_ex), enc(val_ex)
+    train_enc, val_enc = (encode_examples(tok, task, exs, args.max_source_tokens) for exs in (train_ex, val_ex))
     candidates = args.threshold if args.unit == "module" else args.ratio
     runs = {}
     for value in candidates:

@@ -43,7 +43,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import data
 import lora_merge
 import model as M
 
@@ -141,7 +140,7 @@ def fit(model, tok, task, modules: dict, train_ex: list[dict], seed: int, args) 
     """LoRAHub on the target training examples: load the modules, tokenize, search. The model is
     left with only the merged adapter, ready for decoding."""
     lora_merge.load_modules(model, modules, trainable=False)
-    enc = [data.encode(tok, task, e["document"], e["summary"], args.max_source_tokens) for e in train_ex]
+    enc = lora_merge.encode_examples(tok, task, train_ex, args.max_source_tokens)
     batches = lora_merge.make_batches(enc, args.micro_batch * 2, tok.pad_id)  # no grad: 2x fits
     result = search(model, batches, list(modules), args.lorahub_budget, seed)
     w = ", ".join(f"{k} {v:+.3f}" for k, v in result["lorahub_weights"].items())
