@@ -275,10 +275,9 @@ def predictions(runs: list[dict]) -> dict[tuple[int, str], str]:
             metrics.read_predictions(Path(r["dir"]) / f"seed{r['seed']}" / "predictions.jsonl").items()}
 
 
-def pooled_test(task, runs_a: list[dict], runs_b: list[dict], refs: dict, shuffles: int) -> dict | None:
-    """Approximate randomization of A against B on the predictions of all their common seeds,
-    paired by (seed, example id): one test per row, as the module docstring says."""
-    a, b = predictions(runs_a), predictions(runs_b)
+def pooled_test(task, a: dict, b: dict, refs: dict, shuffles: int) -> dict | None:
+    """Approximate randomization of A against B (predictions() of two rows) on all their common
+    seeds, paired by (seed, example id): one test per row, as the module docstring says."""
     keys = sorted(k for k in set(a) & set(b) if k[1] in refs)
     if not keys:
         return None
@@ -298,16 +297,18 @@ def zeros(runs: list[dict]) -> str:
     return f"{statistics.mean(vals):.1f}" if vals else "-"
 
 
-def length_ratio(runs: list[dict], refs: dict) -> str:
-    """Mean prediction length over mean length of the first reference, in characters, on the same
-    examples: a small model's failure to stop (>> 1) or to say enough (<< 1) shows up here."""
-    pairs = [(p, refs[i][0]) for (_, i), p in predictions(runs).items() if i in refs]
+def length_ratio(preds: dict, refs: dict) -> str:
+    """Mean prediction length (predictions() of a row) over mean length of the first reference, in
+    characters, on the same examples: a small model's failure to stop (>> 1) or to say enough (<< 1)
+    shows up here."""
+    pairs = [(p, refs[i][0]) for (_, i), p in preds.items() if i in refs]
     return f"{sum(len(p) for p, _ in pairs) / sum(len(r) for _, r in pairs):.2f}" if pairs else "-"
 
 
 def table2(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> list[str]:
     lines = [f"| Row | {task.metric} (mean ± std) | seeds | Del% (per seed) | p vs LoRA (TGT) | length / ref |",
              "|---|---|---|---|---|---|"]
+    tgt_preds = predictions(runs["lora-tgt"])  # every row is tested against it: read once
     for rid, row in rows(setting).items():
         if "table2" not in row["groups"]:
             continue
@@ -315,13 +316,13 @@ def table2(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> 
         if not rs:
             lines.append(f"| {row['label']} | not run | | | | |")
             continue
-        cell, p = mean_std(scores_of(rs, task.metric)), "-"
+        cell, p, preds = mean_std(scores_of(rs, task.metric)), "-", predictions(rs)
         if refs is not None and rid != "lora-tgt" and runs["lora-tgt"]:
-            test = pooled_test(task, rs, runs["lora-tgt"], refs, shuffles)
+            test = pooled_test(task, preds, tgt_preds, refs, shuffles)
             if test is not None:
                 p, cell = f"{test['p']:.4f}", cell + (" †" if test["p"] < 0.05 else "")
         lines.append(f"| {row['label']} | {cell} | {', '.join(str(r['seed']) for r in rs)} | {chosen(rs, 100)} | {p} | "
-                     f"{length_ratio(rs, refs) if refs is not None else '-'} |")
+                     f"{length_ratio(preds, refs) if refs is not None else '-'} |")
     return lines
 
 
@@ -382,10 +383,15 @@ def figure4(setting: str, task, runs: dict, path: Path) -> bool:
     return any(done)
 
 
+def importance_path(run: dict) -> Path:
+    """Where Figure 5's importances of one run are cached (committed; its adapters are not)."""
+    return Path(run["dir"]) / f"importance-seed{run['seed']}.json"
+
+
 def module_importances(run: dict, data_dir) -> list[dict]:
     """Figure 5's numbers for one cached run: module-wise input importance of its final adapters on
-    its seed's validation subsample (as the merge measured them), cached as importance.json."""
-    path = Path(run["dir"]) / f"importance-seed{run['seed']}.json"
+    its seed's validation subsample (as the merge measured them), cached at importance_path."""
+    path = importance_path(run)
     if path.is_file():
         return json.loads(path.read_text())
     import model as M
@@ -407,10 +413,9 @@ def module_importances(run: dict, data_dir) -> list[dict]:
 
 def figure5(setting: str, runs: dict, path: Path, data_dir) -> str | None:
     import matplotlib.pyplot as plt
-    # the cached importances (committed) or the final adapters to measure them from (not committed)
+    # the cached importances or the final adapters to measure them from
     rs = [r for rid in ("merge-del-tgt", "merge-del") for r in runs[rid]
-          if (Path(r["dir"]) / f"importance-seed{r['seed']}.json").is_file()
-          or (Path(r["dir"]) / f"seed{r['seed']}" / "adapters").is_dir()]
+          if importance_path(r).is_file() or (Path(r["dir"]) / f"seed{r['seed']}" / "adapters").is_dir()]
     if not rs:
         return None
     values = module_importances(rs[0], data_dir)
