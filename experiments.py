@@ -187,6 +187,13 @@ def comparable(argv: list[str]) -> list[str]:
     return [Path(a).name if "/" in a else a for a in argv]
 
 
+def portable(command: str) -> str:
+    """A recorded command with the committed modules' absolute folders (/.../adapters/<model>/<task>)
+    shown from the repository root, so that it runs as printed from any clone."""
+    return shlex.join([a[a.index("/adapters/") + 1:] if a.startswith("/") and "/adapters/" in a else a
+                       for a in shlex.split(command)])
+
+
 def run(args, extra: list[str]) -> int:
     setting_dir, table, failed = Path(args.root) / args.setting, rows(args.setting, args.ratios), []
     common = [*(["--data-dir", args.data_dir] if args.data_dir else []),
@@ -499,7 +506,7 @@ def report(args) -> int:
            f"Runs cached: {len(all_runs)}; total wall time {wall / 3600:.2f} h ({wall:.0f} s; related-module "
            f"training {sum(m['wall_time_s'] for m in mods):.0f} s of it).", "", "Machine(s):", "",
            *[f"- {m}" for m in sorted(machines)], "", "<details><summary>every lora_merge command</summary>", "",
-           "```", *[r["run"]["command"] for r in all_runs if r["run"].get("command")], "```", "</details>", ""]
+           "```", *[portable(r["run"]["command"]) for r in all_runs if r["run"].get("command")], "```", "</details>", ""]
     lora_merge.atomic_write(out / "README.md", lambda f: f.write("\n".join(md).encode()))
     print(f"wrote {out / 'README.md'}")
     return 0

@@ -244,3 +244,18 @@ def test_committed_results_are_the_report_of_the_committed_cache(tmp_path, monke
     assert strip((tmp_path / "README.md").read_text()) == strip((repo / "results" / "README.md").read_text())
     for fig in (repo / "results").glob("fig*.png"):
         assert (tmp_path / fig.name).is_file(), f"{fig.name} is committed but no longer made from the cache"
+
+
+def test_reported_commands_name_folders_of_this_clone():
+    """The committed runs recorded the related modules as absolute folders of the clone that ran
+    them; the report prints them from the repository root, so each printed command runs here."""
+    repo = Path(__file__).resolve().parents[1]
+    recorded = [json.loads(p.read_text())["command"] for p in (repo / "results" / "runs").glob("*/*/*/run.json")]
+    with_modules = [c for c in recorded if "/adapters/" in c]
+    assert with_modules, "no committed run names a related module"
+    for command in with_modules:
+        shown = E.portable(command).split()
+        folders = [a for a in shown if "adapters/" in a]
+        assert folders and all(not a.startswith("/") and (repo / a / "adapter_config.json").is_file()
+                               for a in folders), shown
+        assert E.comparable(shown) == E.comparable(command.split())  # the same run, only the paths differ
