@@ -24,6 +24,7 @@ Choices where the paper is silent (all flags):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -142,6 +143,28 @@ def algorithm1_step(model, opt, batch, cfg: TrainConfig, val_batches, grad_state
     return loss
 
 
+def run_setup(cfg: TrainConfig, names: list[str], train_enc: list[dict], val_enc: list[dict]) -> dict:
+    """What a checkpoint must share with the run that resumes it: every training setting but the
+    epoch budget (raising --epochs or --patience continues a run), the adapters being trained,
+    and a digest of the encoded examples (subsample, prompt, --max-source-tokens)."""
+    digest = hashlib.sha256(json.dumps([[e["input_ids"] for e in train_enc], [e["input_ids"] for e in val_enc]])
+                            .encode()).hexdigest()[:16]
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "patience")}
+    return {"config": config, "adapters": sorted(names), "examples": digest}
+
+
+def check_resumable(ckpt_path: Path, saved: dict | None, setup: dict):
+    """Refuse to resume a checkpoint written with other settings: it would silently report the
+    old run (or fail deep inside the optimizer). Checkpoints from before this check carry none."""
+    if saved is None or saved == setup:
+        return
+    diff = [f"{k}: {saved['config'].get(k)!r} there, {v!r} now" for k, v in setup["config"].items()
+            if saved["config"].get(k) != v]
+    diff += [f"{k}: {saved[k]!r} there, {setup[k]!r} now" for k in ("adapters", "examples") if saved[k] != setup[k]]
+    raise SystemExit(f"error: {ckpt_path} was written by a run with other settings ({'; '.join(diff)}); "
+                     "rerun with its flags to resume it, or give this run another --out")
+
+
 def train(model, train_enc: list[dict], val_enc: list[dict], pad_id: int, cfg: TrainConfig,
           ckpt_path: Path | None = None, desc: str = "train") -> dict:
     """Algorithm 1: repeat { sample batch; loss; backward; update LoRA; importance on the
@@ -155,8 +178,10 @@ def train(model, train_enc: list[dict], val_enc: list[dict], pad_id: int, cfg: T
     names = M.adapter_names(model)
     init = prune.snapshot(model)  # the merge's starting point, for reset="init"
     grad_state = prune.GradImportance(cfg.beta1, cfg.beta2) if cfg.importance == "grad" else None
+    setup = run_setup(cfg, names, train_enc, val_enc)
     if ckpt_path and ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False)
+        check_resumable(ckpt_path, ck.get("setup"), setup)
         load_adapter_state(model, ck["adapters"])
         opt.load_state_dict(ck["optimizer"])
         init, state = ck["init"], ck["state"]
@@ -189,7 +214,7 @@ def train(model, train_enc: list[dict], val_enc: list[dict], pad_id: int, cfg: T
               f"val {val:.4f} best {state['best_loss']:.4f} ({per_epoch:.0f}s/epoch, at most "
               f"{per_epoch * (cfg.epochs - epoch):.0f}s left)", flush=True)
         if ckpt_path:
-            ck = {"adapters": adapter_state(model, names), "optimizer": opt.state_dict(), "init": init,
+            ck = {"setup": setup, "adapters": adapter_state(model, names), "optimizer": opt.state_dict(), "init": init,
                   "state": state, "grad_state": grad_state.state_dict() if grad_state else None}
             atomic_write(ckpt_path, lambda f: torch.save(ck, f))
     load_adapter_state(model, state["best"])
@@ -262,6 +287,27 @@ def module_folder(name: str, args) -> Path:
     return committed if committed.is_dir() else Path(args.out) / "modules" / model_tag(args.model) / name
 
 
+def module_config(args, seed: int) -> TrainConfig:
+    return TrainConfig(lr=args.lr, batch_size=args.batch_size, micro_batch=args.micro_batch,
+                       epochs=args.epochs, patience=args.patience, seed=seed)
+
+
+def check_module(folder: Path, args, seed: int, n_train: int, n_val: int):
+    """A cached TGT module is reused only if this run would have trained the same one: else the
+    run would report a module made with another --n-train, --lr or --epochs as its own."""
+    log_path, config_path = folder / "train_log.json", folder / "adapter_config.json"
+    log, config = json.loads(log_path.read_text()), json.loads(config_path.read_text())
+    want = {"model": model_tag(args.model), "n_train": n_train, "n_val": n_val, "dtype": args.dtype,
+            "max_source_tokens": args.max_source_tokens, **asdict(module_config(args, seed))}
+    have = {**log, **log.get("config", {})}
+    diff = [f"{k}: {have.get(k)!r} there, {v!r} now" for k, v in want.items() if have.get(k) != v]
+    diff += [f"{key}: {config.get(key)!r} there, {v!r} now" for key, v in
+             (("r", args.rank), ("lora_alpha", args.alpha), ("lora_dropout", args.dropout)) if config.get(key) != v]
+    if diff:
+        raise SystemExit(f"error: the TGT module {folder} was trained with other settings ({'; '.join(diff)}); "
+                         "give this run another --out, or delete the folder to train TGT again")
+
+
 def train_module(model, tok, task_name: str, train_ex, val_ex, folder: Path, args, seed: int) -> dict:
     """Stage 1: one fresh LoRA on a task, saved as a PEFT folder with its training log."""
     task = data.get_task(task_name)
@@ -270,8 +316,7 @@ def train_module(model, tok, task_name: str, train_ex, val_ex, folder: Path, arg
         M.remove_adapter(model, n)
     torch.manual_seed(seed)
     M.add_lora(model, "module", r=args.rank, alpha=args.alpha, dropout=args.dropout)
-    cfg = TrainConfig(lr=args.lr, batch_size=args.batch_size, micro_batch=args.micro_batch,
-                      epochs=args.epochs, patience=args.patience, seed=seed)
+    cfg = module_config(args, seed)
     ckpt = folder.with_name(folder.name + ".ckpt.pt")
     log = train(model, enc(train_ex), enc(val_ex), tok.pad_id, cfg, ckpt, desc=f"stage1 {task_name}")
     M.save_adapter(model, "module", folder, base_model=model_tag(args.model))
@@ -321,11 +366,13 @@ def run_seed(model, tok, task, args, seed: int, related: dict[str, Path]) -> dic
     t0 = time.time()
     out = Path(args.out) / f"seed{seed}"
     train_ex, val_ex = data.low_resource_splits(task.name, args.n_train, args.n_val, seed, args.data_dir)
-    test_ex = data.load_split(task.name, "test", args.data_dir)[: args.max_test or None]
+    test_ex = data.load_split(task.name, "test", args.data_dir)[: args.max_test]
     modules = dict(related)
     if args.with_target:
         tgt = out / "modules" / "TGT"
-        if not (tgt / "adapter_config.json").is_file():
+        if (tgt / "adapter_config.json").is_file():
+            check_module(tgt, args, seed, len(train_ex), len(val_ex))
+        else:
             train_module(model, tok, task.name, train_ex, val_ex, tgt, args, seed)
         modules["TGT"] = tgt
     result = {"seed": seed, "method": args.method, "modules": {k: str(v) for k, v in modules.items()},
@@ -385,6 +432,8 @@ def parse_values(values: list[str], flag: str, lo: float, hi: float | None) -> l
         try:
             if ":" in v:
                 a, b, s = map(float, v.split(":"))
+                if s <= 0:
+                    raise SystemExit(f"error: {flag} {v!r}: the step of start:stop:step must be > 0")
                 out += [round(a + i * s, 10) for i in range(int(math.floor((b - a) / s + 1e-9)) + 1)]
             elif v.strip():
                 out.append(float(v))
@@ -446,8 +495,9 @@ def parse_args(argv=None):
         p.error(str(e))
     args.ratio = parse_values(args.ratio, "--ratio", 0.0, 1.0)
     args.threshold = parse_values(args.threshold, "--threshold", 0.0, None)
-    for flag in ("n_train", "n_val", "max_train", "max_val", "epochs", "batch_size", "micro_batch", "rank", "decode_batch"):
-        if getattr(args, flag) < 1:
+    for flag in ("n_train", "n_val", "max_train", "max_val", "epochs", "patience", "batch_size", "micro_batch", "rank",
+                 "decode_batch", "lorahub_budget", "max_test"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.related is None:
         args.related = [] if args.method in ("zero-shot", "module") else RELATED[task.language]

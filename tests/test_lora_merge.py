@@ -145,6 +145,28 @@ def test_killed_training_resumes_to_the_same_weights(tiny, tmp_path):
         assert torch.equal(p, prune.matrices(other)[k]), k
 
 
+def test_checkpoint_of_other_settings_is_not_resumed(tiny, tmp_path):
+    """A checkpoint resumes only into the run that wrote it: another --reset, --lr, another set of
+    adapters or other examples stop with a message naming the checkpoint; more epochs continue."""
+    train_set = [{k: v[i].tolist() for k, v in token_batches(4, 5).items() if k != "attention_mask"} for i in range(4)]
+    cfg = LM.TrainConfig(lr=1e-2, batch_size=2, micro_batch=1, epochs=1, ratio=0.3)
+    ckpt = tmp_path / "c.pt"
+    LM.train(copy.deepcopy(tiny), train_set, train_set[:2], 0, cfg, ckpt)
+    for change, expected in [(dict(reset="init"), "reset: 'zero' there, 'init' now"),
+                             (dict(lr=1e-3), "lr: 0.01 there, 0.001 now")]:
+        with pytest.raises(SystemExit, match=expected) as e:
+            LM.train(copy.deepcopy(tiny), train_set, train_set[:2], 0, LM.TrainConfig(**{**cfg.__dict__, **change}), ckpt)
+        assert str(ckpt) in str(e.value)
+    with pytest.raises(SystemExit, match="examples: "):
+        LM.train(copy.deepcopy(tiny), train_set[1:], train_set[:2], 0, cfg, ckpt)
+    fewer = copy.deepcopy(tiny)
+    M.remove_adapter(fewer, "r2")
+    with pytest.raises(SystemExit, match="adapters: \\['r1', 'r2'\\] there, \\['r1'\\] now"):
+        LM.train(fewer, train_set, train_set[:2], 0, cfg, ckpt)
+    more = LM.train(copy.deepcopy(tiny), train_set, train_set[:2], 0, LM.TrainConfig(**{**cfg.__dict__, "epochs": 2}), ckpt)
+    assert more["epochs_run"] == 2  # a larger budget continues the same run
+
+
 def run_cli(args, tmp_path, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "lora_merge.py"), *args], cwd=tmp_path, env=env,
@@ -184,6 +206,10 @@ def test_cli_merge_del_end_to_end(tmp_path, related_module):
     for name in ("rel", "TGT"):
         assert M.load_adapter(fresh, out / "seed0" / "adapters" / name) == name
     assert (out / "seed0" / "modules" / "TGT" / "train_log.json").is_file()
+    # the same --out with another subsample: its TGT module is not silently reused
+    with pytest.raises(SystemExit, match="TGT module .*n_train: 4 there, 3 now"):
+        LM.main(["--task", "scitldr", "--related", str(related_module), "--with-target", "--ratio", "0.2,0.4",
+                 "--epochs", "1", "--out", str(out), *TINY_FLAGS, "--n-train", "3"])
 
 
 def test_cli_killed_run_resumes(tmp_path, related_module):
@@ -212,6 +238,11 @@ def test_cli_killed_run_resumes(tmp_path, related_module):
     (["--task", "nope"], "unknown task 'nope'"),
     (["--related", "not-a-task"], "neither an adapter folder nor a known task"),
     (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--patience", "0"], "--patience must be >= 1"),
+    (["--max-test", "0"], "--max-test must be >= 1"),
+    (["--method", "lorahub", "--lorahub-budget", "0"], "--lorahub-budget must be >= 1"),
+    (["--ratio", "0.1:0.5:0"], "the step of start:stop:step must be > 0"),
+    (["--unit", "module", "--threshold", "0.1:0.5:-0.1"], "--threshold '0.1:0.5:-0.1': the step"),
 ])
 def test_bad_flags_fail_before_any_work(flags, message, capsys):
     argv = ["--task", "scitldr", *flags] if flags[0] != "--task" else flags
