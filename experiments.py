@@ -9,8 +9,8 @@ One (setting, row, seed) is one `lora_merge.main` call into <root>/<setting>/<ro
 cache unit. A run whose results.json exists is never recomputed, so a killed piece is restarted
 with the same command: finished runs are skipped and a half-finished one resumes from lora_merge's
 per-epoch checkpoints. Each finished run also gets run.json: its exact command, wall time, machine.
-A cached run made with other flags (another budget) is not rerun but reported as a failure, so one
-table never mixes budgets silently: give each budget its own --root.
+A run cached or started with other flags (another budget) is not rerun or resumed but reported as
+a failure, so one table never mixes budgets silently: give each budget its own --root.
 
 Choices:
 - Related modules are trained once per setting by lora_merge's stage 1 (seed 0, all settings'
@@ -157,15 +157,15 @@ def share_tgt(setting_dir: Path, run_dir: Path, argv: list[str], seed: int) -> s
     return None
 
 
-def log_attempt(run_dir: Path) -> float:
-    """Record this attempt's start in attempts.json; return the seconds spent by earlier, killed
-    attempts, each from its start to the last file written before the next began (its checkpoint)."""
+def log_attempt(run_dir: Path, argv: list[str]) -> float:
+    """Record this attempt's start and flags in attempts.json; return the seconds spent by earlier,
+    killed attempts, each from its start to the last file written before the next began (its checkpoint)."""
     path = run_dir / "attempts.json"
     attempts = json.loads(path.read_text()) if path.is_file() else []
     if attempts:
         last = max((p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file() and p != path), default=0)
         attempts[-1]["ended"] = max(last, attempts[-1]["started"])
-    attempts.append({"started": time.time()})
+    attempts.append({"started": time.time(), "argv": argv})
     lora_merge.write_json(path, attempts)
     return sum(a["ended"] - a["started"] for a in attempts[:-1])
 
@@ -176,9 +176,14 @@ def substitute(flags: list[str], folders: dict[str, str]) -> list[str]:
                                        [folders[f[1:]]] if f.startswith("@") else [f])]
 
 
-def cached_argv(run_dir: Path) -> list[str] | None:
-    path = run_dir / "run.json"
-    return json.loads(path.read_text())["argv"] if path.is_file() else None
+def recorded_argv(run_dir: Path) -> list[str] | None:
+    """The flags a run was made with: run.json's once finished, else its first attempt's (a killed
+    run resumed with other flags would mix two budgets in one row). None: nothing recorded."""
+    finished, attempts = run_dir / "run.json", run_dir / "attempts.json"
+    if finished.is_file():
+        return json.loads(finished.read_text())["argv"]
+    first = json.loads(attempts.read_text())[0] if attempts.is_file() else {}
+    return first.get("argv")
 
 
 def comparable(argv: list[str]) -> list[str]:
@@ -203,14 +208,15 @@ def run(args, extra: list[str]) -> int:
             run_dir = setting_dir / rid / f"seed{seed}-run"
             argv_of = lambda folders: ["--task", SETTINGS[args.setting]["task"], *substitute(table[rid]["flags"], folders),
                                        "--seeds", str(seed), "--out", str(run_dir), *common, *extra]
-            if (run_dir / "results.json").is_file():
-                before = cached_argv(run_dir)
-                if before is not None and comparable(before) != comparable(argv_of(SETTINGS[args.setting]["related"])):
-                    print(f"[{args.setting}/{rid} seed {seed}] cached with other flags, not rerun (a budget of "
-                          f"its own wants its own --root): {shlex.join(before)}", flush=True)
-                    failed.append(f"{rid} seed {seed} (other flags)")
-                else:
-                    print(f"[{args.setting}/{rid} seed {seed}] cached: {run_dir}", flush=True)
+            done, before = (run_dir / "results.json").is_file(), recorded_argv(run_dir)
+            if before is not None and comparable(before) != comparable(argv_of(SETTINGS[args.setting]["related"])):
+                print(f"[{args.setting}/{rid} seed {seed}] {'cached' if done else 'started'} with other flags, not "
+                      f"{'rerun' if done else 'resumed'} (a budget of its own wants its own --root): "
+                      f"{shlex.join(before)}; delete {run_dir} to make it anew", flush=True)
+                failed.append(f"{rid} seed {seed} (other flags)")
+                continue
+            if done:
+                print(f"[{args.setting}/{rid} seed {seed}] cached: {run_dir}", flush=True)
                 continue
             folders = {}
             if any(f.startswith("@") for f in table[rid]["flags"]):
@@ -218,11 +224,11 @@ def run(args, extra: list[str]) -> int:
             argv = argv_of(folders)
             print(f"[{args.setting}/{rid} seed {seed}] python lora_merge.py {shlex.join(argv)}", flush=True)
             (run_dir / f"seed{seed}").mkdir(parents=True, exist_ok=True)  # zero-shot writes there first
-            t0, earlier = time.time(), log_attempt(run_dir)
+            t0, earlier = time.time(), log_attempt(run_dir, argv)
             tgt_from = share_tgt(setting_dir, run_dir, argv, seed)
             try:
                 lora_merge.main(argv)
-            except Exception as e:  # noqa: BLE001 - one broken row must not stop a piece of hours
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - one broken row must not stop a piece of hours
                 print(f"[{args.setting}/{rid} seed {seed}] FAILED: {e!r}", flush=True)
                 failed.append(f"{rid} seed {seed}")
                 continue

@@ -136,6 +136,32 @@ def test_failed_run_is_reported_and_not_cached(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         E.main(["run", "--setting", "ja", "--rows", "no-such-row", "--root", str(tmp_path)])
 
+    # the unfinished run is resumed only with the flags it was started with
+    calls = []
+    monkeypatch.setattr(lora_merge, "main", fake_main(calls))
+    cmd = ["run", "--setting", "ja", "--rows", "zero-shot", "--seeds", "0", "--root", str(tmp_path)]
+    assert E.main([*cmd, "--", "--max-test", "5"]) == 1
+    assert calls == [] and "[ja/zero-shot seed 0] started with other flags, not resumed" in capsys.readouterr().out
+    assert E.main(cmd) == 0 and len(calls) == 1
+    assert (tmp_path / "ja" / "zero-shot" / "seed0-run" / "results.json").is_file()
+
+
+def test_committed_tgt_modules_pass_the_reuse_check():
+    """A later piece copies the committed TGT modules into its +TGT runs: each must pass
+    lora_merge's check against the flags of the run that trained it (else no piece could reuse it)."""
+    repo = Path(__file__).resolve().parents[1]
+    checked = 0
+    for tgt in (repo / "results" / "runs").glob("*/*/seed*-run/seed*/modules/TGT"):
+        run_dir = tgt.parents[2]
+        args, _ = lora_merge.parse_args(json.loads((run_dir / "run.json").read_text())["argv"])
+        result = json.loads((tgt.parents[1] / "result.json").read_text())
+        lora_merge.check_module(tgt, args, result["seed"], result["n_train"], result["n_val"])
+        with pytest.raises(SystemExit, match="lr: 0.0001 there, 0.001 now"):
+            args.lr = 1e-3
+            lora_merge.check_module(tgt, args, result["seed"], result["n_train"], result["n_val"])
+        checked += 1
+    assert checked, "no committed TGT module"
+
 
 @pytest.mark.skipif(not (DATA / "scitldr").is_dir(), reason="needs the real data")
 def test_real_zero_shot_run_end_to_end(tmp_path):
