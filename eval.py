@@ -114,6 +114,8 @@ def approx_randomization(task, predictions_a: list[str], predictions_b: list[str
     check(predictions_b, references)
     language, task_metric = language_and_metric(task)
     metric = metric or task_metric
+    if shuffles < 1:
+        raise ValueError(f"shuffles must be >= 1, got {shuffles}")
     n = len(references)
     if metric == "bleu":
         bleu, hyps_a, streams = bleu_inputs(language, predictions_a, references)
@@ -195,10 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--against", help="a second predictions file: adds the significance test")
     parser.add_argument("--split", default="test")
     parser.add_argument("--data-dir", default=None, help="default: $LORA_MERGE_DATA, else ./data")
-    parser.add_argument("--metric", default=None, help="metric of the test (default: the task's)")
+    parser.add_argument("--metric", default=None, choices=["bleu", *ROUGE_TYPES],
+                        help="metric of the test (default: the task's)")
     parser.add_argument("--shuffles", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.shuffles < 1:
+        parser.error("--shuffles must be >= 1")
 
     task = data.get_task(args.task)
     examples = data.load_split(args.task, args.split, args.data_dir)

@@ -173,7 +173,7 @@ def test_cli_prints_json(pred_files):
     assert json.loads(r.stdout)["scores"]["rougeL"] == 100.0
 
 
-def test_cli_errors(pred_files, tmp_path):
+def test_cli_errors(pred_files, tmp_path, capsys):
     good, _ = pred_files
     run = lambda *args: ev.main(["--pred", str(good), "--data-dir", str(DATA), *args])
     with pytest.raises(ValueError, match="100 ids are not in scitldr/test.*wrong --task"):
@@ -190,6 +190,10 @@ def test_cli_errors(pred_files, tmp_path):
     empty.write_text("\n")
     with pytest.raises(ValueError, match="empty file"):
         ev.read_predictions(empty)
+    for flags, message in [(["--shuffles", "0"], "--shuffles must be >= 1"), (["--metric", "rouge-l"], "--metric")]:
+        with pytest.raises(SystemExit):
+            run("--task", "nlp-paper-ja", "--against", str(good), *flags)
+        assert message in capsys.readouterr().err
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"id": "a", "prediction": "x"}\n{"id": "b"}\n')
     with pytest.raises(ValueError, match=r"broken\.jsonl:2: expected a JSON object with 'id' and 'prediction'"):
