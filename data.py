@@ -257,15 +257,18 @@ def download(task: str, data_dir: str | Path | None = None) -> Path:
         raise ValueError(f"{task!r} is not public; downloadable tasks: {', '.join(HUB)}")
     check_hub_reachable()
     folder = resolve_data_dir(data_dir) / task
-    folder.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
+    rows = {}
+    for split in SPLITS:  # all splits first: a failure leaves no partial folder that looks like data
         try:
-            rows = fetch(task, split)
+            rows[split] = fetch(task, split)
         except Exception as e:  # network, HTTP and format errors alike: say which file failed
             raise RuntimeError(f"downloading {task}/{split} from {HUB[task][0]} failed: {e!r}") from e
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                               encoding="utf-8")
-        print(f"{task}/{split}: {len(rows)} examples")
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, split_rows in rows.items():  # temp file, then rename: a kill never leaves half a file
+        tmp = folder / f".{split}.jsonl.tmp{os.getpid()}"
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split_rows), encoding="utf-8")
+        os.replace(tmp, folder / f"{split}.jsonl")
+        print(f"{task}/{split}: {len(split_rows)} examples")
     return folder
 
 

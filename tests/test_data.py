@@ -260,7 +260,19 @@ def test_download_writes_the_layout_load_split_reads(monkeypatch, tmp_path):
             tar.addfile(info, io.BytesIO(raw))
     monkeypatch.setattr(data, "check_hub_reachable", lambda: None)
     monkeypatch.setattr(data, "hf_hub_download", lambda repo, filename, **kw: str(archive))
+    real_fetch = data.fetch
+
+    def cut_off(task, split):  # the connection drops at the last split
+        if split == "test":
+            raise ConnectionError("connection reset")
+        return real_fetch(task, split)
+    monkeypatch.setattr(data, "fetch", cut_off)
+    with pytest.raises(RuntimeError, match="xlsum-ja/test"):
+        data.download("xlsum-ja", tmp_path / "data")
+    assert not (tmp_path / "data" / "xlsum-ja").exists()  # no partial folder that loads as a smaller data set
+    monkeypatch.setattr(data, "fetch", real_fetch)
     data.download("xlsum-ja", tmp_path / "data")
+    assert sorted(p.name for p in (tmp_path / "data" / "xlsum-ja").iterdir()) == [f"{s}.jsonl" for s in sorted(data.SPLITS)]
     for split in data.SPLITS:
         got = data.load_split("xlsum-ja", split, tmp_path / "data")
         want = data.load_split("xlsum-ja-sample", split, DATA)
