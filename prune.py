@@ -184,7 +184,9 @@ def module_importance(scores) -> dict[tuple[str, str], float]:
 def module_prune_(model, scores, threshold: float, reset: str = "zero", init=None) -> list[tuple[str, str]]:
     """Table 4's "Module" unit: reset both A_i and B_i of every module (one adapter at one
     linear) whose mean score is below `threshold`. Returns the (path, adapter) modules reset.
-    A zeroed module stays dead: with A_i = B_i = 0 both gradients are zero (a deletion)."""
+    A zeroed module gets zero gradients (A_i = B_i = 0), but AdamW's moments still move it at
+    the next step: like pruned parameters, it is trained again and reset again while its mean
+    score stays below the threshold (the paper: pruned parameters are "trained again")."""
     check_reset(reset, init)
     params = matrices(model)
     low = [m for m, v in module_importance(scores).items() if v < threshold]
