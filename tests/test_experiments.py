@@ -1,6 +1,7 @@
 """The experiment runner: row table, caching/resume of runs, and the report built from the cache."""
 import json
 import os
+import shlex
 import statistics
 from pathlib import Path
 
@@ -146,14 +147,16 @@ def test_failed_run_is_reported_and_not_cached(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "ja" / "zero-shot" / "seed0-run" / "results.json").is_file()
 
 
-def test_committed_tgt_modules_pass_the_reuse_check():
+def test_committed_tgt_modules_pass_the_reuse_check(monkeypatch):
     """A later piece copies the committed TGT modules into its +TGT runs: each must pass
     lora_merge's check against the flags of the run that trained it (else no piece could reuse it)."""
     repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the recorded commands, as the report prints them, run from here
     checked = 0
     for tgt in (repo / "results" / "runs").glob("*/*/seed*-run/seed*/modules/TGT"):
         run_dir = tgt.parents[2]
-        args, _ = lora_merge.parse_args(json.loads((run_dir / "run.json").read_text())["argv"])
+        command = E.portable(json.loads((run_dir / "run.json").read_text())["command"])
+        args, _ = lora_merge.parse_args(shlex.split(command)[2:])  # after "python lora_merge.py"
         result = json.loads((tgt.parents[1] / "result.json").read_text())
         lora_merge.check_module(tgt, args, result["seed"], result["n_train"], result["n_val"])
         with pytest.raises(SystemExit, match="lr: 0.0001 there, 0.001 now"):
