@@ -99,6 +99,15 @@ def resolve_data_dir(path: str | Path | None = None) -> Path:
     return Path(path or os.environ.get("LORA_MERGE_DATA") or "data")
 
 
+def atomic_write(path: Path, write):
+    """write(file) into a temp file beside `path`, then rename: a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """One example per line; a broken line is reported by file and line number."""
     examples = []
@@ -263,11 +272,9 @@ def download(task: str, data_dir: str | Path | None = None) -> Path:
             rows[split] = fetch(task, split)
         except Exception as e:  # network, HTTP and format errors alike: say which file failed
             raise RuntimeError(f"downloading {task}/{split} from {HUB[task][0]} failed: {e!r}") from e
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, split_rows in rows.items():  # temp file, then rename: a kill never leaves half a file
-        tmp = folder / f".{split}.jsonl.tmp{os.getpid()}"
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split_rows), encoding="utf-8")
-        os.replace(tmp, folder / f"{split}.jsonl")
+    for split, split_rows in rows.items():
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split_rows)
+        atomic_write(folder / f"{split}.jsonl", lambda f: f.write(text.encode("utf-8")))
         print(f"{task}/{split}: {len(split_rows)} examples")
     return folder
 

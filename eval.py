@@ -10,7 +10,6 @@ task's test split (or --split). Scores are x100.
 import argparse
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -152,12 +151,8 @@ def approx_randomization(task, predictions_a: list[str], predictions_b: list[str
 
 def write_predictions(path: str | Path, ids: list[str], predictions: list[str]) -> None:
     """One {"id", "prediction"} per line, written to a temp file and renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"id": i, "prediction": p}, ensure_ascii=False) + "\n" for i, p in zip(ids, predictions)]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
+    data.atomic_write(Path(path), lambda f: f.write("".join(lines).encode("utf-8")))
 
 
 def read_predictions(path: str | Path) -> dict[str, str]:

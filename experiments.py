@@ -360,7 +360,7 @@ def table4(setting: str, task, runs: dict) -> list[str]:
 
 def savefig(fig, path: Path):
     import matplotlib.pyplot as plt
-    lora_merge.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+    data.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
 
 
@@ -513,7 +513,7 @@ def report(args) -> int:
            f"training {sum(m['wall_time_s'] for m in mods):.0f} s of it).", "", "Machine(s):", "",
            *[f"- {m}" for m in sorted(machines)], "", "<details><summary>every lora_merge command</summary>", "",
            "```", *[portable(r["run"]["command"]) for r in all_runs if r["run"].get("command")], "```", "</details>", ""]
-    lora_merge.atomic_write(out / "README.md", lambda f: f.write("\n".join(md).encode()))
+    data.atomic_write(out / "README.md", lambda f: f.write("\n".join(md).encode()))
     print(f"wrote {out / 'README.md'}")
     return 0
 

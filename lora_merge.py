@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
 import statistics
 import time
@@ -216,7 +215,7 @@ def train(model, train_enc: list[dict], val_enc: list[dict], pad_id: int, cfg: T
         if ckpt_path:
             ck = {"setup": setup, "adapters": adapter_state(model, names), "optimizer": opt.state_dict(), "init": init,
                   "state": state, "grad_state": grad_state.state_dict() if grad_state else None}
-            atomic_write(ckpt_path, lambda f: torch.save(ck, f))
+            data.atomic_write(ckpt_path, lambda f: torch.save(ck, f))
     load_adapter_state(model, state["best"])
     model.eval()
     return {"history": state["history"], "best_val_loss": state["best_loss"],
@@ -234,17 +233,8 @@ def load_adapter_state(model, state: dict):
         M.adapter_params(model, name)[path].copy_(value)
 
 
-def atomic_write(path: Path, write):
-    """write(file) into a temp file beside `path`, then rename: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False).encode()))
+    data.atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False).encode()))
 
 
 # ----------------------------------------------------------------------------------------
