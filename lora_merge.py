@@ -149,19 +149,20 @@ def run_setup(cfg: TrainConfig, names: list[str], train_enc: list[dict], val_enc
     digest = hashlib.sha256(json.dumps([[e["input_ids"] for e in train_enc], [e["input_ids"] for e in val_enc]])
                             .encode()).hexdigest()[:16]
     config = {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "patience")}
-    return {"config": config, "adapters": sorted(names), "examples": digest}
+    return {**config, "adapters": sorted(names), "examples": digest}
+
+
+def differences(there: dict, now: dict) -> str:
+    """'key: old there, new now; ...' for every setting of `now` that `there` does not share."""
+    return "; ".join(f"{k}: {there.get(k)!r} there, {v!r} now" for k, v in now.items() if there.get(k) != v)
 
 
 def check_resumable(ckpt_path: Path, saved: dict | None, setup: dict):
     """Refuse to resume a checkpoint written with other settings: it would silently report the
     old run (or fail deep inside the optimizer). Checkpoints from before this check carry none."""
-    if saved is None or saved == setup:
-        return
-    diff = [f"{k}: {saved['config'].get(k)!r} there, {v!r} now" for k, v in setup["config"].items()
-            if saved["config"].get(k) != v]
-    diff += [f"{k}: {saved[k]!r} there, {setup[k]!r} now" for k in ("adapters", "examples") if saved[k] != setup[k]]
-    raise SystemExit(f"error: {ckpt_path} was written by a run with other settings ({'; '.join(diff)}); "
-                     "rerun with its flags to resume it, or give this run another --out")
+    if saved is not None and saved != setup:
+        raise SystemExit(f"error: {ckpt_path} was written by a run with other settings ({differences(saved, setup)}); "
+                         "rerun with its flags to resume it, or give this run another --out")
 
 
 def train(model, train_enc: list[dict], val_enc: list[dict], pad_id: int, cfg: TrainConfig,
@@ -285,16 +286,13 @@ def module_config(args, seed: int) -> TrainConfig:
 def check_module(folder: Path, args, seed: int, n_train: int, n_val: int):
     """A cached TGT module is reused only if this run would have trained the same one: else the
     run would report a module made with another --n-train, --lr or --epochs as its own."""
-    log_path, config_path = folder / "train_log.json", folder / "adapter_config.json"
-    log, config = json.loads(log_path.read_text()), json.loads(config_path.read_text())
+    log = json.loads((folder / "train_log.json").read_text())
+    have = {**log, **log.get("config", {}), **json.loads((folder / "adapter_config.json").read_text())}
     want = {"model": model_tag(args.model), "n_train": n_train, "n_val": n_val, "dtype": args.dtype,
-            "max_source_tokens": args.max_source_tokens, **asdict(module_config(args, seed))}
-    have = {**log, **log.get("config", {})}
-    diff = [f"{k}: {have.get(k)!r} there, {v!r} now" for k, v in want.items() if have.get(k) != v]
-    diff += [f"{key}: {config.get(key)!r} there, {v!r} now" for key, v in
-             (("r", args.rank), ("lora_alpha", args.alpha), ("lora_dropout", args.dropout)) if config.get(key) != v]
-    if diff:
-        raise SystemExit(f"error: the TGT module {folder} was trained with other settings ({'; '.join(diff)}); "
+            "max_source_tokens": args.max_source_tokens, **asdict(module_config(args, seed)),
+            "r": args.rank, "lora_alpha": args.alpha, "lora_dropout": args.dropout}
+    if diff := differences(have, want):
+        raise SystemExit(f"error: the TGT module {folder} was trained with other settings ({diff}); "
                          "give this run another --out, or delete the folder to train TGT again")
 
 
