@@ -279,6 +279,7 @@ def module_folder(name: str, args) -> Path:
 
 
 def module_config(args, seed: int) -> TrainConfig:
+    """Stage 1's (and TGT's) training settings: plain LoRA training, nothing pruned."""
     return TrainConfig(lr=args.lr, batch_size=args.batch_size, micro_batch=args.micro_batch,
                        epochs=args.epochs, patience=args.patience, seed=seed)
 
