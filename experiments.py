@@ -448,12 +448,31 @@ def figure5(setting: str, runs: dict, path: Path, data_dir) -> str | None:
     return source
 
 
+FIG6_ROWS = ("lora-tgt", "merge", "merge-tgt", "merge-del", "merge-del-tgt")
+
+
+def size_scores(task, runs: dict, rid: str) -> list[tuple[int, list[float]]]:
+    """Figure 6's points for one row: (target training examples, test scores over seeds), cached sizes only."""
+    pts = [(n, scores_of(runs[rid if n == 50 else f"{rid}-n{n}"], task.metric)) for n in N_TRAIN]
+    return [(n, s) for n, s in pts if s]
+
+
+def table6(setting: str, task, runs: dict) -> list[str]:
+    """The numbers behind Figure 6, so a reader need not read them off the plot."""
+    lines = [f"| Row | {' | '.join(f'{n} examples' for n in N_TRAIN)} |", "|---|" + "---|" * len(N_TRAIN)]
+    for rid in FIG6_ROWS:
+        got = dict(size_scores(task, runs, rid))
+        cells = [f"{mean_std(got[n])} ({len(got[n])} seed{'s' * (len(got[n]) > 1)})" if n in got else "not run"
+                 for n in N_TRAIN]
+        lines.append(f"| {rows(setting)[rid]['label']} | {' | '.join(cells)} |")
+    return lines
+
+
 def figure6(setting: str, task, runs: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for rid in ("lora-tgt", "merge", "merge-tgt", "merge-del", "merge-del-tgt"):
-        pts = [(n, scores_of(runs[rid if n == 50 else f"{rid}-n{n}"], task.metric)) for n in N_TRAIN]
-        pts = [(n, s) for n, s in pts if s]
+    for rid in FIG6_ROWS:
+        pts = size_scores(task, runs, rid)
         if pts:
             ax.errorbar([n for n, _ in pts], [statistics.mean(s) for _, s in pts],
                         [statistics.stdev(s) if len(s) > 1 else 0 for _, s in pts], marker="o", capsize=3,
@@ -500,6 +519,8 @@ def report(args) -> int:
                            (f"fig6_{setting}.png", figure6(setting, task, runs, out / f"fig6_{setting}.png"))]:
             md += [f"![{name}]({name})" + (f" (from {made})" if isinstance(made, str) else "") if made
                    else f"{name.split('_')[0]}: not run", ""]
+            if name.startswith("fig6") and made:
+                md += [f"Figure 6's numbers ({task.metric}, mean ± std over seeds):", "", *table6(setting, task, runs), ""]
     mods = [json.loads(p.read_text()) for p in modules]
     commands = list(dict.fromkeys(r["run"]["runner_command"] for r in sorted(
         all_runs, key=lambda r: r["run"].get("finished", "")) if r["run"].get("runner_command")))

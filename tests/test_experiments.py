@@ -259,6 +259,13 @@ def test_report_numbers_equal_the_cache(tmp_path):
     for fig in ("fig4_en.png", "fig5_en.png", "fig6_en.png"):
         assert (out / fig).stat().st_size > 1000 and f"]({fig})" in md
     assert "fig4: not run" in md.split("## ja")[1] and "fig6: not run" in md.split("## ja")[1]
+    fig6 = md.split("Figure 6's numbers")[1].split("## ja")[0]  # the numbers behind the plot, 50 examples cached
+    for row, values in scores.items():
+        if row in E.FIG6_ROWS:
+            mean_std = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+            assert cell(fig6, E.rows("en")[row]["label"]) == [E.rows("en")[row]["label"], "not run",
+                                                             f"{mean_std} (3 seeds)", "not run", "not run"]
+    assert cell(fig6, E.rows("en")["merge-del"]["label"])[1:] == ["not run"] * 4
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temp files
 
 
