@@ -2,7 +2,7 @@
 rouge-score package, corpus BLEU with sacrebleu, Japanese segmented with MeCab first, and the
 approximate randomization test (Riezler and Maxwell, 2005) for whether system A beats system B.
 
-    python eval.py --task scitldr --pred a/predictions.jsonl [--against b/predictions.jsonl]
+    python eval.py --task scitldr --pred a/predictions.jsonl [--against b/predictions.jsonl] [--max-test N]
 
 A predictions file holds one {"id": ..., "prediction": ...} per line; the references are the
 task's test split (or --split). Scores are x100.
@@ -196,14 +196,18 @@ def main(argv: list[str] | None = None) -> dict:
                         help="metric of the test (default: the task's)")
     parser.add_argument("--shuffles", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-test", type=int, default=None,
+                        help="score the first N examples of the split, as lora_merge.py --max-test wrote them")
     args = parser.parse_args(argv)
     if args.shuffles < 1:
         parser.error("--shuffles must be >= 1")
+    if args.max_test is not None and args.max_test < 1:
+        parser.error("--max-test must be >= 1")
 
     task = data.get_task(args.task)
-    examples = data.load_split(args.task, args.split, args.data_dir)
+    examples = data.load_split(args.task, args.split, args.data_dir)[: args.max_test]
     references = [ex["references"] for ex in examples]
-    where = f"{args.task}/{args.split}"
+    where = f"{args.task}/{args.split}" + (f" (first {len(examples)})" if args.max_test else "")
     preds = align(read_predictions(args.pred), examples, args.pred, where)
     out = {"task": task.name, "split": args.split, "n": len(examples), "metric": task.metric,
            "scores": score(task, preds, references)}

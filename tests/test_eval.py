@@ -186,11 +186,16 @@ def test_cli_errors(pred_files, tmp_path, capsys):
     half.write_text("".join(good.read_text(encoding="utf-8").splitlines(keepends=True)[:50]), encoding="utf-8")
     with pytest.raises(ValueError, match="no prediction for 50 of the 100 examples of nlp-paper-ja/test"):
         ev.main(["--task", "nlp-paper-ja", "--pred", str(half), "--data-dir", str(DATA)])
+    out = ev.main(["--task", "nlp-paper-ja", "--pred", str(half), "--data-dir", str(DATA), "--max-test", "50"])
+    assert out["n"] == 50 and out["scores"]["bleu"] == pytest.approx(100)  # a --max-test run's file scores
+    with pytest.raises(ValueError, match=r"ids are not in nlp-paper-ja/test \(first 10\)"):
+        ev.main(["--task", "nlp-paper-ja", "--pred", str(half), "--data-dir", str(DATA), "--max-test", "10"])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="empty file"):
         ev.read_predictions(empty)
-    for flags, message in [(["--shuffles", "0"], "--shuffles must be >= 1"), (["--metric", "rouge-l"], "--metric")]:
+    for flags, message in [(["--shuffles", "0"], "--shuffles must be >= 1"), (["--metric", "rouge-l"], "--metric"),
+                           (["--max-test", "0"], "--max-test must be >= 1")]:
         with pytest.raises(SystemExit):
             run("--task", "nlp-paper-ja", "--against", str(good), *flags)
         assert message in capsys.readouterr().err
