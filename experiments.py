@@ -56,6 +56,7 @@ RATIOS = ["0.1:0.6:0.1"]  # Merge+Del's Del% grid, as the paper's
 THRESHOLDS = {"input": ["0.1", "0.2", "0.3", "0.5", "0.7", "1"],
               "grad": ["1e-13", "1e-12", "1e-11", "1e-10", "1e-9", "1e-8"]}
 N_TRAIN = [5, 50, 100, 200]  # Figure 6
+FIG6_ROWS = ("lora-tgt", "merge", "merge-tgt", "merge-del", "merge-del-tgt")  # its rows, at each size
 TGT_FLAGS = ("model", "dtype", "n_train", "n_val", "max_source_tokens", "epochs", "patience", "lr",
              "batch_size", "micro_batch", "rank", "alpha", "dropout", "data_dir")  # what TGT depends on
 
@@ -86,7 +87,7 @@ def rows(setting: str, ratios: list[str] = RATIOS) -> dict[str, dict]:
                     "label": f"{imp.capitalize()} / Parameter / {reset.capitalize()}", "groups": ["table4"],
                     "flags": ["--ratio", *ratios, "--importance", imp, "--reset", reset, "--related", "@REL",
                               "--with-target"]}
-    for rid in ("lora-tgt", "merge", "merge-tgt", "merge-del", "merge-del-tgt"):
+    for rid in FIG6_ROWS:
         table[rid]["groups"].append("fig6")
         for n in N_TRAIN:
             if n != 50:
@@ -446,9 +447,6 @@ def figure5(setting: str, runs: dict, path: Path, data_dir) -> str | None:
     fig.suptitle(f"Figure 5 ({setting}): module-wise input importance of the final adapters of {source}")
     savefig(fig, path)
     return source
-
-
-FIG6_ROWS = ("lora-tgt", "merge", "merge-tgt", "merge-del", "merge-del-tgt")
 
 
 def size_scores(task, runs: dict, rid: str) -> list[tuple[int, list[float]]]:
