@@ -24,7 +24,8 @@ Choices:
 - Table 4's module unit needs an absolute threshold; THRESHOLDS are grids around the module
   importances measured on the embedded model in the Japanese setting (see there).
 - Flags after `--` go to lora_merge after the row's own and win over them (argparse: last wins),
-  e.g. budgets or `--threshold`; a --n-train there would also override Figure 6's rows.
+  e.g. budgets, or `--threshold` with module-unit rows only (lora_merge rejects a pruning flag that a
+  row's method or unit ignores); a --n-train there would also override Figure 6's rows.
 """
 from __future__ import annotations
 

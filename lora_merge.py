@@ -442,7 +442,7 @@ def parse_args(argv=None):
                    help="merge: the paper's method (Merge with --ratio 0, Merge+Del otherwise); zero-shot, "
                         "lora (one module used as is) and lorahub are the baselines; module: stage 1 only, "
                         "train one LoRA on --task's training split (--max-train) and save it to --out")
-    p.add_argument("--ratio", nargs="+", default=["0.3"],
+    p.add_argument("--ratio", nargs="+", default=None,
                    help="Del%% s in [0, 1) pruned per matrix after every step; several values or a "
                         "start:stop:step range are a grid search on validation (default 0.3)")
     p.add_argument("--related", nargs="*", default=None,
@@ -453,8 +453,8 @@ def parse_args(argv=None):
                    help="input: |W|*||X|| on validation (paper); grad: |W*dL/dW| with EMA and uncertainty (ablation)")
     p.add_argument("--unit", default="parameter", choices=["parameter", "module"],
                    help="parameter: lowest s%% per matrix (paper); module: reset whole modules below --threshold")
-    p.add_argument("--threshold", nargs="+", default=["0.005"],
-                   help="--unit module: mean-importance threshold(s); several values are a grid search")
+    p.add_argument("--threshold", nargs="+", default=None,
+                   help="--unit module: mean-importance threshold(s); several values are a grid search (default 0.005)")
     p.add_argument("--reset", default="zero", choices=["zero", "init"], help="pruned values: zero, or merge-start value")
     p.add_argument("--model", default=None, help="HF Llama folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="base model dtype")
@@ -482,8 +482,16 @@ def parse_args(argv=None):
         task = data.get_task(args.task)
     except ValueError as e:
         p.error(str(e))
-    args.ratio = parse_values(args.ratio, "--ratio", 0.0, 1.0)
-    args.threshold = parse_values(args.threshold, "--threshold", 0.0, None)
+    # A pruning flag that the chosen method or unit ignores would silently give an unpruned or
+    # differently pruned run, so it is an error rather than a no-op.
+    if args.ratio is not None and (args.method != "merge" or args.unit != "parameter"):
+        p.error(f"--ratio applies to --method merge with --unit parameter (got --method {args.method}, --unit {args.unit})")
+    if args.threshold is not None and (args.method != "merge" or args.unit != "module"):
+        p.error(f"--threshold applies to --method merge with --unit module (got --method {args.method}, --unit {args.unit})")
+    args.ratio = parse_values(args.ratio or ["0.3"], "--ratio", 0.0, 1.0)
+    args.threshold = parse_values(args.threshold or ["0.005"], "--threshold", 0.0, None)
+    if not args.lr > 0 or not args.alpha > 0 or not 0 <= args.dropout < 1:
+        p.error(f"need --lr > 0, --alpha > 0 and 0 <= --dropout < 1 (got {args.lr}, {args.alpha}, {args.dropout})")
     for flag in ("n_train", "n_val", "max_train", "max_val", "epochs", "patience", "batch_size", "micro_batch", "rank",
                  "decode_batch", "lorahub_budget", "max_test"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -499,6 +507,19 @@ def parse_args(argv=None):
     return args, task
 
 
+def check_data(task, args):
+    """Read every split the run will use, so that a missing folder or a malformed line stops it
+    with the file's name in a second, not after the model has loaded or a module has trained."""
+    if args.method == "module":
+        stage1_examples(task.name, args)
+        return
+    for split in data.SPLITS:
+        data.load_split(task.name, split, args.data_dir)
+    for name in args.related:  # related tasks given by name that stage 1 has still to train
+        if not (module_folder(name, args) / "adapter_config.json").is_file():
+            stage1_examples(name, args)
+
+
 def summarize(results: list[dict], metric: str) -> dict:
     """Mean and standard deviation over seeds of every test score."""
     keys = results[0]["test"].keys()
@@ -511,6 +532,7 @@ def main(argv=None) -> dict:
     args, task = parse_args(argv)
     t0 = time.time()
     try:
+        check_data(task, args)
         model, tok = M.load_model(args.model, dtype=args.dtype)
         if tok is None:
             raise ValueError(f"--model {args.model}: the folder has no tokenizer.json")

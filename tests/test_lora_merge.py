@@ -243,12 +243,45 @@ def test_cli_killed_run_resumes(tmp_path, related_module):
     (["--method", "lorahub", "--lorahub-budget", "0"], "--lorahub-budget must be >= 1"),
     (["--ratio", "0.1:0.5:0"], "the step of start:stop:step must be > 0"),
     (["--unit", "module", "--threshold", "0.1:0.5:-0.1"], "--threshold '0.1:0.5:-0.1': the step"),
+    (["--method", "lora", "--related", "dialogsum", "--ratio", "0.3"], "--ratio applies to --method merge"),
+    (["--unit", "module", "--ratio", "0.3"], "--ratio applies to --method merge with --unit parameter"),
+    (["--threshold", "0.01"], "--threshold applies to --method merge with --unit module"),
+    (["--lr", "0"], "need --lr > 0"),
+    (["--dropout", "1"], "0 <= --dropout < 1"),
 ])
 def test_bad_flags_fail_before_any_work(flags, message, capsys):
     argv = ["--task", "scitldr", *flags] if flags[0] != "--task" else flags
     with pytest.raises(SystemExit) as e:
         LM.parse_args(argv)
     assert message in str(e.value) + capsys.readouterr().err
+
+
+def test_pruning_flags_keep_their_defaults_where_they_apply():
+    args, _ = LM.parse_args(["--task", "scitldr"])
+    assert (args.ratio, args.threshold) == ([0.3], [0.005])
+    args, _ = LM.parse_args(["--task", "scitldr", "--unit", "module", "--threshold", "0.002", "0.005"])
+    assert args.threshold == [0.002, 0.005]
+
+
+@pytest.mark.parametrize("method", ["merge", "module"])
+def test_bad_data_fails_before_the_model_loads(tmp_path, method, monkeypatch):
+    """A malformed line in any split the run reads stops it at once, naming the file and line."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+    monkeypatch.setattr(M, "load_model", no_model)
+    for split in ("train", "validation", "test"):
+        (tmp_path / "data" / "scitldr").mkdir(parents=True, exist_ok=True)
+        lines = (DATA / "scitldr" / f"{split}.jsonl").read_text().splitlines()[:5]
+        (tmp_path / "data" / "scitldr" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    bad = tmp_path / "data" / "scitldr" / "test.jsonl" if method == "merge" else \
+        tmp_path / "data" / "scitldr" / "validation.jsonl"
+    bad.write_text(bad.read_text() + '{"document": "no summary"}\n')
+    with pytest.raises(SystemExit, match=f"{bad}:6: missing field"):
+        LM.main(["--task", "scitldr", "--method", method, "--data-dir", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit, match="no data for task 'scitldr'"):
+        LM.main(["--task", "scitldr", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
 
 
 def test_adapter_for_another_base_model_fails_before_training(tmp_path):
