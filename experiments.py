@@ -450,19 +450,34 @@ def figure5(setting: str, runs: dict, path: Path, data_dir) -> str | None:
     return source
 
 
+def sized(rid: str, n: int) -> str:
+    """Figure 6's row id for a Table 2 row trained on n target examples (50 is Table 2's own)."""
+    return rid if n == 50 else f"{rid}-n{n}"
+
+
 def size_scores(task, runs: dict, rid: str) -> list[tuple[int, list[float]]]:
     """Figure 6's points for one row: (target training examples, test scores over seeds), cached sizes only."""
-    pts = [(n, scores_of(runs[rid if n == 50 else f"{rid}-n{n}"], task.metric)) for n in N_TRAIN]
+    pts = [(n, scores_of(runs[sized(rid, n)], task.metric)) for n in N_TRAIN]
     return [(n, s) for n, s in pts if s]
 
 
-def table6(setting: str, task, runs: dict) -> list[str]:
-    """The numbers behind Figure 6, so a reader need not read them off the plot."""
+def table6(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> list[str]:
+    """The numbers behind Figure 6, so a reader need not read them off the plot. Each cell is tested
+    like Table 2's rows, against LoRA (TGT) trained on the same number of examples."""
     lines = [f"| Row | {' | '.join(f'{n} examples' for n in N_TRAIN)} |", "|---|" + "---|" * len(N_TRAIN)]
     for rid in FIG6_ROWS:
-        got = dict(size_scores(task, runs, rid))
-        cells = [f"{mean_std(got[n])} ({len(got[n])} seed{'s' * (len(got[n]) > 1)})" if n in got else "not run"
-                 for n in N_TRAIN]
+        cells = []
+        for n in N_TRAIN:
+            rs, base = runs[sized(rid, n)], runs[sized("lora-tgt", n)]
+            if not rs:
+                cells.append("not run")
+                continue
+            cell, note = mean_std(scores_of(rs, task.metric)), f"{len(rs)} seed{'s' * (len(rs) > 1)}"
+            test = pooled_test(task, predictions(rs), predictions(base), refs, shuffles) \
+                if refs is not None and rid != "lora-tgt" else None
+            if test is not None:
+                cell, note = cell + (" †" if test["p"] < 0.05 else ""), f"{note}; p {test['p']:.4f}"
+            cells.append(f"{cell} ({note})")
         lines.append(f"| {rows(setting)[rid]['label']} | {' | '.join(cells)} |")
     return lines
 
@@ -505,7 +520,7 @@ def report(args) -> int:
         md += [f"## {setting}: target `{task.name}` ({task.metric}), related {related}", "", "### Table 2", ""]
         refs, data_dir = None, args.data_dir or next((r["args"]["data_dir"] for rs in runs.values() for r in rs), None)
         try:
-            if runs["lora-tgt"]:
+            if any(runs[sized("lora-tgt", n)] for n in N_TRAIN):  # what every test is against
                 refs = {str(ex["id"]): ex["references"] for ex in data.load_split(task.name, "test", data_dir)}
         except FileNotFoundError as e:
             md += [f"(no significance marks: {e})", ""]
@@ -519,7 +534,8 @@ def report(args) -> int:
             md += [f"![{name}]({name})" + (f" (from {made})" if isinstance(made, str) else "") if made
                    else f"{name.split('_')[0]}: not run", ""]
             if name.startswith("fig6") and made:
-                md += [f"Figure 6's numbers ({task.metric}, mean ± std over seeds):", "", *table6(setting, task, runs), ""]
+                md += [f"Figure 6's numbers ({task.metric}, mean ± std over seeds; p and † against LoRA (TGT) with as "
+                       "many training examples):", "", *table6(setting, task, runs, refs, args.shuffles), ""]
     mods = [json.loads(p.read_text()) for p in modules]
     commands = list(dict.fromkeys(r["run"]["runner_command"] for r in sorted(
         all_runs, key=lambda r: r["run"].get("finished", "")) if r["run"].get("runner_command")))

@@ -217,8 +217,11 @@ def test_report_numbers_equal_the_cache(tmp_path):
         json.dumps({"id": f"t{i}", "document": "doc", "summary": r}) + "\n" for i, r in enumerate(REFS)))
     weak = [f"a survey of unrelated topic {i}" for i in range(8)]
     scores = {"lora-tgt": [30.0, 31.5, 29.25], "merge": [40.0, 42.0, 41.0], "zero-shot": [10.0, 12.0, 17.0],
-              "merge-del-tgt": [35.0, 36.0, 37.5]}
-    preds = {"lora-tgt": weak, "merge": REFS, "zero-shot": weak, "merge-del-tgt": weak[:4] + REFS[4:]}
+              "merge-del-tgt": [35.0, 36.0, 37.5], "lora-tgt-n5": [20.0, 21.0], "merge-n5": [22.0, 23.0]}
+    # At 5 examples Merge writes what LoRA (TGT) writes: Figure 6 must test it against LoRA (TGT)
+    # at 5 (p = 1), not at 50, where the same predictions would be significantly better.
+    preds = {"lora-tgt": weak, "merge": REFS, "zero-shot": weak, "merge-del-tgt": weak[:4] + REFS[4:],
+             "lora-tgt-n5": REFS, "merge-n5": REFS}
     for row, values in scores.items():
         for seed, v in enumerate(values):
             write_cached(root, data_dir, row, seed, v, preds[row], chosen=0.1 * (seed + 1) if "del" in row else None)
@@ -233,9 +236,12 @@ def test_report_numbers_equal_the_cache(tmp_path):
     assert "## Discussion\n\nHand-written prose about the tables.\n" in md  # kept verbatim, before the tables
     assert md.index("## Discussion") < md.index("### Table 2")
     task = data.get_task("scitldr")
+    table2 = {}
     for row, values in scores.items():
+        if row.endswith("-n5"):
+            continue
         label = E.rows("en")[row]["label"]
-        got = cell(md, label)
+        got = table2[row] = cell(md, label)
         assert got[1].split(" †")[0] == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
         assert got[2] == "0, 1, 2"
         chars = lambda texts: sum(len(t) for t in texts)
@@ -254,17 +260,20 @@ def test_report_numbers_equal_the_cache(tmp_path):
     assert cell(md, E.rows("en")["lorahub"]["label"])[1] == "not run"
     t4 = md.split("### Table 4")[1].split("###")[0]
     assert t4.split("\n\n")[1] == "not run"  # no ablation row cached: merge-del-tgt alone is no Table 4
-    assert f"total wall time {sum(100.0 + s for s in range(3)) * 4 / 3600:.2f} h" in md
+    assert f"total wall time {sum(100.0 + s for v in scores.values() for s in range(len(v))) / 3600:.2f} h" in md
     assert "test cpu" in md and "python experiments.py run --setting en" in md
     for fig in ("fig4_en.png", "fig5_en.png", "fig6_en.png"):
         assert (out / fig).stat().st_size > 1000 and f"]({fig})" in md
     assert "fig4: not run" in md.split("## ja")[1] and "fig6: not run" in md.split("## ja")[1]
     fig6 = md.split("Figure 6's numbers")[1].split("## ja")[0]  # the numbers behind the plot, 50 examples cached
-    for row, values in scores.items():
-        if row in E.FIG6_ROWS:
-            mean_std = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-            assert cell(fig6, E.rows("en")[row]["label"]) == [E.rows("en")[row]["label"], "not run",
-                                                             f"{mean_std} (3 seeds)", "not run", "not run"]
+    for row in ("lora-tgt", "merge", "merge-del-tgt"):  # at 50: Table 2's cells, p and all
+        got = table2[row]
+        at50 = f"{got[1]} (3 seeds)" if row == "lora-tgt" else f"{got[1]} (3 seeds; p {got[4]})"
+        assert cell(fig6, E.rows("en")[row]["label"])[2:] == [at50, "not run", "not run"]
+    assert cell(fig6, E.rows("en")["lora-tgt"]["label"])[1] == "20.50 ± 0.71 (2 seeds)"
+    assert cell(fig6, E.rows("en")["merge"]["label"])[1] == "22.50 ± 0.71 (2 seeds; p 1.0000)"
+    assert "†" in cell(fig6, E.rows("en")["merge"]["label"])[2]
+    assert cell(fig6, E.rows("en")["merge-del-tgt"]["label"])[1] == "not run"
     assert cell(fig6, E.rows("en")["merge-del"]["label"])[1:] == ["not run"] * 4
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temp files
 
