@@ -482,6 +482,22 @@ def table6(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> 
     return lines
 
 
+def pruning_table(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> list[str]:
+    """Does pruning help? Each Merge+Del row against the Merge row with the same modules, at each
+    training-set size: the difference of their pooled scores on the seeds both have, and its p."""
+    lines = [f"| Merge+Del − Merge | {' | '.join(f'{n} examples' for n in N_TRAIN)} |", "|---|" + "---|" * len(N_TRAIN)]
+    for pruned in ("merge-del", "merge-del-tgt"):
+        merged, cells = pruned.replace("merge-del", "merge"), []
+        for n in N_TRAIN:
+            a, b = predictions(runs[sized(pruned, n)]), predictions(runs[sized(merged, n)])
+            test = pooled_test(task, a, b, refs, shuffles) if refs is not None else None
+            seeds = len({seed for seed, _ in set(a) & set(b)})
+            cells.append("not run" if test is None else f"{test['diff']:+.2f}{' †' * (test['p'] < 0.05)} "
+                                                        f"({seeds} seed{'s' * (seeds > 1)}; p {test['p']:.4f})")
+        lines.append(f"| {rows(setting)[pruned]['label']} − {rows(setting)[merged]['label']} | {' | '.join(cells)} |")
+    return lines
+
+
 def figure6(setting: str, task, runs: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -520,11 +536,14 @@ def report(args) -> int:
         md += [f"## {setting}: target `{task.name}` ({task.metric}), related {related}", "", "### Table 2", ""]
         refs, data_dir = None, args.data_dir or next((r["args"]["data_dir"] for rs in runs.values() for r in rs), None)
         try:
-            if any(runs[sized("lora-tgt", n)] for n in N_TRAIN):  # what every test is against
+            if any(runs.values()):  # the references every test needs
                 refs = {str(ex["id"]): ex["references"] for ex in data.load_split(task.name, "test", data_dir)}
         except FileNotFoundError as e:
             md += [f"(no significance marks: {e})", ""]
         md += table2(setting, task, runs, refs, args.shuffles)
+        md += ["", "### Merge+Del against Merge", "", f"Does pruning help? {task.metric} of each Merge+Del row minus the "
+               "Merge row with the same modules and training-set size, pooled over the seeds both have; p and † by "
+               "the same test as above, here against Merge.", "", *pruning_table(setting, task, runs, refs, args.shuffles)]
         md += ["", "### Table 4 (ablation of Merge+Del, +TGT)", ""]
         md += table4(setting, task, runs) if any(runs[r] for r in runs if r.startswith("abl-")) else ["not run"]
         md += ["", "### Figures", ""]

@@ -217,11 +217,12 @@ def test_report_numbers_equal_the_cache(tmp_path):
         json.dumps({"id": f"t{i}", "document": "doc", "summary": r}) + "\n" for i, r in enumerate(REFS)))
     weak = [f"a survey of unrelated topic {i}" for i in range(8)]
     scores = {"lora-tgt": [30.0, 31.5, 29.25], "merge": [40.0, 42.0, 41.0], "zero-shot": [10.0, 12.0, 17.0],
-              "merge-del-tgt": [35.0, 36.0, 37.5], "lora-tgt-n5": [20.0, 21.0], "merge-n5": [22.0, 23.0]}
+              "merge-del-tgt": [35.0, 36.0, 37.5], "lora-tgt-n5": [20.0, 21.0], "merge-n5": [22.0, 23.0],
+              "merge-tgt": [38.0, 39.0]}
     # At 5 examples Merge writes what LoRA (TGT) writes: Figure 6 must test it against LoRA (TGT)
     # at 5 (p = 1), not at 50, where the same predictions would be significantly better.
     preds = {"lora-tgt": weak, "merge": REFS, "zero-shot": weak, "merge-del-tgt": weak[:4] + REFS[4:],
-             "lora-tgt-n5": REFS, "merge-n5": REFS}
+             "lora-tgt-n5": REFS, "merge-n5": REFS, "merge-tgt": REFS}
     for row, values in scores.items():
         for seed, v in enumerate(values):
             write_cached(root, data_dir, row, seed, v, preds[row], chosen=0.1 * (seed + 1) if "del" in row else None)
@@ -243,15 +244,14 @@ def test_report_numbers_equal_the_cache(tmp_path):
         label = E.rows("en")[row]["label"]
         got = table2[row] = cell(md, label)
         assert got[1].split(" †")[0] == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-        assert got[2] == "0, 1, 2"
+        assert got[2] == ", ".join(map(str, range(len(values))))
         chars = lambda texts: sum(len(t) for t in texts)
         assert got[5] == f"{chars(preds[row]) / chars(REFS):.2f}"  # same examples each seed: the ratio of one
         if row == "lora-tgt":
             assert got[4] == "-" and "†" not in got[1]
             continue
-        pooled = [p for _ in range(3) for p in preds[row]]
-        ref = metrics.approx_randomization(task, pooled, [p for _ in range(3) for p in weak],
-                                           [[r] for _ in range(3) for r in REFS], shuffles=2000)
+        k = len(values)  # seeds shared with LoRA (TGT)
+        ref = metrics.approx_randomization(task, preds[row] * k, weak * k, [[r] for r in REFS] * k, shuffles=2000)
         assert got[4] == f"{ref['p']:.4f}" and ("†" in got[1]) == (ref["p"] < 0.05)
     assert "†" in cell(md, E.rows("en")["merge"]["label"])[1]  # all 24 pairs better: significant
     assert "†" not in cell(md, "Zero-shot")[1]  # the same predictions as LoRA (TGT): p = 1
@@ -275,6 +275,15 @@ def test_report_numbers_equal_the_cache(tmp_path):
     assert "†" in cell(fig6, E.rows("en")["merge"]["label"])[2]
     assert cell(fig6, E.rows("en")["merge-del-tgt"]["label"])[1] == "not run"
     assert cell(fig6, E.rows("en")["merge-del"]["label"])[1:] == ["not run"] * 4
+    pruning = md.split("### Merge+Del against Merge")[1].split("###")[0]
+    # merge-del-tgt has seeds 0-2, merge-tgt 0-1: the test pairs the two shared seeds only
+    ref = metrics.approx_randomization(task, (weak[:4] + REFS[4:]) * 2, REFS * 2, [[r] for r in REFS] * 2, shuffles=2000)
+    label = f"{E.rows('en')['merge-del-tgt']['label']} − {E.rows('en')['merge-tgt']['label']}"
+    assert cell(pruning, label)[1:] == ["not run", f"{ref['diff']:+.2f}{' †' * (ref['p'] < 0.05)} (2 seeds; p "
+                                                   f"{ref['p']:.4f})", "not run", "not run"]
+    assert ref["diff"] < 0  # half the examples worse than Merge's exact references
+    assert cell(pruning, f"{E.rows('en')['merge-del']['label']} − {E.rows('en')['merge']['label']}")[1:] == \
+        ["not run"] * 4  # merge is cached, merge-del is not
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temp files
 
 
