@@ -20,7 +20,8 @@ Choices:
   runs first) instead of training the same module again; run.json says where it came from.
 - Significance (the dagger): one approximate randomization test per row against LoRA (TGT), on
   the seeds' test predictions pooled into one sample of (seed, example id) pairs; for BLEU the
-  statistic is corpus BLEU over the pooled sample.
+  statistic is corpus BLEU over the pooled sample. Figure 6's cells are tested against LoRA (TGT)
+  with as many training examples, and each Merge+Del row against its Merge row (does pruning help?).
 - Table 4's module unit needs an absolute threshold; THRESHOLDS are grids around the module
   importances measured on the embedded model in the Japanese setting (see there).
 - Flags after `--` go to lora_merge after the row's own and win over them (argparse: last wins),
@@ -450,6 +451,15 @@ def figure5(setting: str, runs: dict, path: Path, data_dir) -> str | None:
     return source
 
 
+def size_header(first: str) -> list[str]:
+    """Header of a Markdown table with one column per Figure 6 training-set size."""
+    return [f"| {first} | {' | '.join(f'{n} examples' for n in N_TRAIN)} |", "|---|" + "---|" * len(N_TRAIN)]
+
+
+def n_seeds(k: int) -> str:
+    return f"{k} seed{'s' * (k > 1)}"
+
+
 def sized(rid: str, n: int) -> str:
     """Figure 6's row id for a Table 2 row trained on n target examples (50 is Table 2's own)."""
     return rid if n == 50 else f"{rid}-n{n}"
@@ -464,7 +474,7 @@ def size_scores(task, runs: dict, rid: str) -> list[tuple[int, list[float]]]:
 def table6(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> list[str]:
     """The numbers behind Figure 6, so a reader need not read them off the plot. Each cell is tested
     like Table 2's rows, against LoRA (TGT) trained on the same number of examples."""
-    lines = [f"| Row | {' | '.join(f'{n} examples' for n in N_TRAIN)} |", "|---|" + "---|" * len(N_TRAIN)]
+    lines = size_header("Row")
     for rid in FIG6_ROWS:
         cells = []
         for n in N_TRAIN:
@@ -472,7 +482,7 @@ def table6(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> 
             if not rs:
                 cells.append("not run")
                 continue
-            cell, note = mean_std(scores_of(rs, task.metric)), f"{len(rs)} seed{'s' * (len(rs) > 1)}"
+            cell, note = mean_std(scores_of(rs, task.metric)), n_seeds(len(rs))
             test = pooled_test(task, predictions(rs), predictions(base), refs, shuffles) \
                 if refs is not None and rid != "lora-tgt" else None
             if test is not None:
@@ -485,15 +495,15 @@ def table6(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> 
 def pruning_table(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> list[str]:
     """Does pruning help? Each Merge+Del row against the Merge row with the same modules, at each
     training-set size: the difference of their pooled scores on the seeds both have, and its p."""
-    lines = [f"| Merge+Del − Merge | {' | '.join(f'{n} examples' for n in N_TRAIN)} |", "|---|" + "---|" * len(N_TRAIN)]
+    lines = size_header("Merge+Del − Merge")
     for pruned in ("merge-del", "merge-del-tgt"):
         merged, cells = pruned.replace("merge-del", "merge"), []
         for n in N_TRAIN:
             a, b = predictions(runs[sized(pruned, n)]), predictions(runs[sized(merged, n)])
             test = pooled_test(task, a, b, refs, shuffles) if refs is not None else None
-            seeds = len({seed for seed, _ in set(a) & set(b)})
-            cells.append("not run" if test is None else f"{test['diff']:+.2f}{' †' * (test['p'] < 0.05)} "
-                                                        f"({seeds} seed{'s' * (seeds > 1)}; p {test['p']:.4f})")
+            seeds = n_seeds(len({seed for seed, _ in set(a) & set(b)}))
+            cells.append("not run" if test is None else
+                         f"{test['diff']:+.2f}{' †' * (test['p'] < 0.05)} ({seeds}; p {test['p']:.4f})")
         lines.append(f"| {rows(setting)[pruned]['label']} − {rows(setting)[merged]['label']} | {' | '.join(cells)} |")
     return lines
 
