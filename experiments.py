@@ -301,6 +301,18 @@ def pooled_test(task, a: dict, b: dict, refs: dict, shuffles: int) -> dict | Non
                                         [refs[k[1]] for k in keys], shuffles=shuffles)
 
 
+def tester(task, runs: dict, refs: dict | None, shuffles: int):
+    """test(a, b): pooled_test of cached row a against row b (row ids), or None without references.
+    Each pair is computed once per report: Table 2 and Figure 6's 50-example column share theirs."""
+    memo = {}
+
+    def test(a: str, b: str) -> dict | None:
+        if refs is not None and (a, b) not in memo:
+            memo[a, b] = pooled_test(task, predictions(runs[a]), predictions(runs[b]), refs, shuffles)
+        return memo.get((a, b))
+    return test
+
+
 def chosen(runs: list[dict], scale: float = 1.0) -> str:
     """The value picked by grid search on validation, per seed ("-" without a grid)."""
     return ", ".join(f"{r['chosen'] * scale:g}" for r in runs if len(r.get("candidates", {})) > 1) or "-"
@@ -321,10 +333,9 @@ def length_ratio(preds: dict, refs: dict) -> str:
     return f"{sum(len(p) for p, _ in pairs) / sum(len(r) for _, r in pairs):.2f}" if pairs else "-"
 
 
-def table2(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> list[str]:
+def table2(setting: str, task, runs: dict, refs: dict | None, test) -> list[str]:
     lines = [f"| Row | {task.metric} (mean ± std) | seeds | Del% (per seed) | p vs LoRA (TGT) | length / ref |",
              "|---|---|---|---|---|---|"]
-    tgt_preds = predictions(runs["lora-tgt"])  # every row is tested against it: read once
     for rid, row in rows(setting).items():
         if "table2" not in row["groups"]:
             continue
@@ -333,10 +344,9 @@ def table2(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> 
             lines.append(f"| {row['label']} | not run | | | | |")
             continue
         cell, p, preds = mean_std(scores_of(rs, task.metric)), "-", predictions(rs)
-        if refs is not None and rid != "lora-tgt" and runs["lora-tgt"]:
-            test = pooled_test(task, preds, tgt_preds, refs, shuffles)
-            if test is not None:
-                p, cell = f"{test['p']:.4f}", cell + (" †" if test["p"] < 0.05 else "")
+        result = test(rid, "lora-tgt") if rid != "lora-tgt" else None
+        if result is not None:
+            p, cell = f"{result['p']:.4f}", cell + (" †" if result["p"] < 0.05 else "")
         lines.append(f"| {row['label']} | {cell} | {', '.join(str(r['seed']) for r in rs)} | {chosen(rs, 100)} | {p} | "
                      f"{length_ratio(preds, refs) if refs is not None else '-'} |")
     return lines
@@ -471,39 +481,37 @@ def size_scores(task, runs: dict, rid: str) -> list[tuple[int, list[float]]]:
     return [(n, s) for n, s in pts if s]
 
 
-def table6(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> list[str]:
+def table6(setting: str, task, runs: dict, test) -> list[str]:
     """The numbers behind Figure 6, so a reader need not read them off the plot. Each cell is tested
     like Table 2's rows, against LoRA (TGT) trained on the same number of examples."""
     lines = size_header("Row")
     for rid in FIG6_ROWS:
         cells = []
         for n in N_TRAIN:
-            rs, base = runs[sized(rid, n)], runs[sized("lora-tgt", n)]
+            rs = runs[sized(rid, n)]
             if not rs:
                 cells.append("not run")
                 continue
             cell, note = mean_std(scores_of(rs, task.metric)), n_seeds(len(rs))
-            test = pooled_test(task, predictions(rs), predictions(base), refs, shuffles) \
-                if refs is not None and rid != "lora-tgt" else None
-            if test is not None:
-                cell, note = cell + (" †" if test["p"] < 0.05 else ""), f"{note}; p {test['p']:.4f}"
+            result = test(sized(rid, n), sized("lora-tgt", n)) if rid != "lora-tgt" else None
+            if result is not None:
+                cell, note = cell + (" †" if result["p"] < 0.05 else ""), f"{note}; p {result['p']:.4f}"
             cells.append(f"{cell} ({note})")
         lines.append(f"| {rows(setting)[rid]['label']} | {' | '.join(cells)} |")
     return lines
 
 
-def pruning_table(setting: str, task, runs: dict, refs: dict | None, shuffles: int) -> list[str]:
+def pruning_table(setting: str, runs: dict, test) -> list[str]:
     """Does pruning help? Each Merge+Del row against the Merge row with the same modules, at each
     training-set size: the difference of their pooled scores on the seeds both have, and its p."""
     lines = size_header("Merge+Del − Merge")
     for pruned in ("merge-del", "merge-del-tgt"):
         merged, cells = pruned.replace("merge-del", "merge"), []
         for n in N_TRAIN:
-            a, b = predictions(runs[sized(pruned, n)]), predictions(runs[sized(merged, n)])
-            test = pooled_test(task, a, b, refs, shuffles) if refs is not None else None
-            seeds = n_seeds(len({seed for seed, _ in set(a) & set(b)}))
-            cells.append("not run" if test is None else
-                         f"{test['diff']:+.2f}{' †' * (test['p'] < 0.05)} ({seeds}; p {test['p']:.4f})")
+            a, b = sized(pruned, n), sized(merged, n)
+            result, seeds = test(a, b), n_seeds(len({r["seed"] for r in runs[a]} & {r["seed"] for r in runs[b]}))
+            cells.append("not run" if result is None else
+                         f"{result['diff']:+.2f}{' †' * (result['p'] < 0.05)} ({seeds}; p {result['p']:.4f})")
         lines.append(f"| {rows(setting)[pruned]['label']} − {rows(setting)[merged]['label']} | {' | '.join(cells)} |")
     return lines
 
@@ -550,10 +558,11 @@ def report(args) -> int:
                 refs = {str(ex["id"]): ex["references"] for ex in data.load_split(task.name, "test", data_dir)}
         except FileNotFoundError as e:
             md += [f"(no significance marks: {e})", ""]
-        md += table2(setting, task, runs, refs, args.shuffles)
+        test = tester(task, runs, refs, args.shuffles)
+        md += table2(setting, task, runs, refs, test)
         md += ["", "### Merge+Del against Merge", "", f"Does pruning help? {task.metric} of each Merge+Del row minus the "
                "Merge row with the same modules and training-set size, pooled over the seeds both have; p and † by "
-               "the same test as above, here against Merge.", "", *pruning_table(setting, task, runs, refs, args.shuffles)]
+               "the same test as above, here against Merge.", "", *pruning_table(setting, runs, test)]
         md += ["", "### Table 4 (ablation of Merge+Del, +TGT)", ""]
         md += table4(setting, task, runs) if any(runs[r] for r in runs if r.startswith("abl-")) else ["not run"]
         md += ["", "### Figures", ""]
@@ -564,7 +573,7 @@ def report(args) -> int:
                    else f"{name.split('_')[0]}: not run", ""]
             if name.startswith("fig6") and made:
                 md += [f"Figure 6's numbers ({task.metric}, mean ± std over seeds; p and † against LoRA (TGT) with as "
-                       "many training examples):", "", *table6(setting, task, runs, refs, args.shuffles), ""]
+                       "many training examples):", "", *table6(setting, task, runs, test), ""]
     mods = [json.loads(p.read_text()) for p in modules]
     commands = list(dict.fromkeys(r["run"]["runner_command"] for r in sorted(
         all_runs, key=lambda r: r["run"].get("finished", "")) if r["run"].get("runner_command")))
