@@ -85,6 +85,12 @@ def make_batches(encoded: list[dict], size: int, pad_id: int, seed: int | None =
     return [data.collate([encoded[i] for i in order[k:k + size]], pad_id) for k in range(0, len(order), size)]
 
 
+def to_device(batch: dict, device) -> dict:
+    """A batch's tensors on the model's device. Batches are built on the CPU, once per epoch,
+    and moved one (micro-)batch at a time: a few KB of token ids, so the copy costs nothing."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def validation_loss(model, batches: list[dict]) -> float:
     """Mean cross-entropy per summary token over the whole validation set."""
@@ -92,6 +98,7 @@ def validation_loss(model, batches: list[dict]) -> float:
     model.eval()
     total = count = 0.0
     for b in batches:
+        b = to_device(b, model.device)
         total += model.loss(b["input_ids"], b["labels"], b["attention_mask"], reduction="sum").item()
         count += (b["labels"][:, 1:] != -100).sum().item()
     model.train(was)
@@ -101,9 +108,10 @@ def validation_loss(model, batches: list[dict]) -> float:
 def step_loss(model, batch: dict, micro: int) -> float:
     """Forward/backward of one optimizer step in micro-batches; gradients of the mean over all
     summary tokens in the batch, as one big batch would give."""
+    batch = to_device(batch, model.device)
     n_tokens = (batch["labels"][:, 1:] != -100).sum().item()
     mask = batch["attention_mask"]  # [B, T]
-    ends = (mask * torch.arange(1, mask.shape[1] + 1)).amax(1)  # [B] one past each row's last real token
+    ends = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).amax(1)  # [B] one past each row's last real token
     order = ends.argsort(stable=True)  # similar lengths share a micro-batch, cut to its own longest:
     total = 0.0  # the columns dropped are padding only, so the sums are the same
     for k in range(0, len(order), micro):
@@ -180,7 +188,7 @@ def train(model, train_enc: list[dict], val_enc: list[dict], pad_id: int, cfg: T
     grad_state = prune.GradImportance(cfg.beta1, cfg.beta2) if cfg.importance == "grad" else None
     setup = run_setup(cfg, names, train_enc, val_enc)
     if ckpt_path and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location=model.device)  # resumable on another device
         check_resumable(ckpt_path, ck.get("setup"), setup)
         load_adapter_state(model, ck["adapters"])
         opt.load_state_dict(ck["optimizer"])
@@ -458,6 +466,7 @@ def parse_args(argv=None):
     p.add_argument("--reset", default="zero", choices=["zero", "init"], help="pruned values: zero, or merge-start value")
     p.add_argument("--model", default=None, help="HF Llama folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="base model dtype")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when PyTorch sees a GPU, else cpu)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (subsample and training); results averaged")
     p.add_argument("--n-train", type=int, default=50, help="target training examples (paper: 50)")
     p.add_argument("--n-val", type=int, default=50, help="target validation examples (paper: 50)")
@@ -504,7 +513,25 @@ def parse_args(argv=None):
     if args.method == "lora" and len(args.related) + args.with_target != 1:
         p.error("--method lora uses exactly one module: one --related name/folder, or --related with --with-target for TGT")
     args.out = args.out or str(Path("runs") / f"{args.task}-{args.method}")
+    args.device = check_device(p, args.device)
     return args, task
+
+
+def check_device(p, device: str | None) -> str:
+    """--device as a string torch accepts, checked now: a missing GPU must not surface as a CUDA
+    error after the data and model have loaded."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        p.error(f"--device {device!r} is not a device name (cpu, cuda, cuda:N)")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        p.error(f"--device {device}: PyTorch sees {torch.cuda.device_count()} CUDA device(s) "
+                f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'not built in'})")
+    if dev.type not in ("cpu", "cuda"):
+        p.error(f"--device {device}: only cpu and cuda are supported")
+    return device
 
 
 def check_data(task, args):
@@ -533,7 +560,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     try:
         check_data(task, args)
-        model, tok = M.load_model(args.model, dtype=args.dtype)
+        model, tok = M.load_model(args.model, dtype=args.dtype, device=args.device)
         if tok is None:
             raise ValueError(f"--model {args.model}: the folder has no tokenizer.json")
         # Every module that exists is loaded once now: an adapter made for another base model

@@ -218,6 +218,11 @@ class Llama(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are: callers move token ids here (CPU, or a GPU with --device cuda)."""
+        return self.model.embed_tokens.weight.device
+
     def hidden(self, input_ids, attention_mask=None, positions=None, cache_pos=0):
         """Final normed hidden states [B, T, d]. attention_mask [B, T] (1 = real token) is only
         needed where padding could be attended to: left padding, or decoding with a cache."""
@@ -659,7 +664,7 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, stop_i
         raise ValueError("max_new_tokens must be >= 1")
     was_training = model.training
     model.eval()
-    device = model.model.embed_tokens.weight.device
+    device = model.device
     B, T = len(prompts), max(len(p) for p in prompts)
     mask = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=device)  # 1 = real token
     for i, p in enumerate(prompts):

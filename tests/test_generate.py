@@ -9,15 +9,17 @@ import torch
 transformers = pytest.importorskip("transformers")
 import model as M
 from embedded import embedded_model_dir
+from test_model import DEVICES
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-@pytest.fixture(scope="module")
-def both():
-    folder = embedded_model_dir()
-    ours, tok = M.load_model(folder)
-    hf = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+@pytest.fixture(scope="module", params=DEVICES)
+def both(request):
+    """Both models in float32 on one device (matmuls in full float32 there: no TF32)."""
+    folder, device = embedded_model_dir(), request.param
+    ours, tok = M.load_model(folder, device=device)
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
     return ours, tok, hf, hf_tok
 
@@ -40,7 +42,7 @@ def test_chat_prompt_matches_transformers_apply_chat_template(both):
 
 def test_logits_match_transformers_on_real_prompt(both):
     ours, tok, hf, _ = both
-    ids = torch.tensor([tok.encode(tok.chat_prompt("Summarize: " + abstracts(1)[0]))])
+    ids = torch.tensor([tok.encode(tok.chat_prompt("Summarize: " + abstracts(1)[0]))], device=ours.device)
     with torch.no_grad():
         diff = (ours(ids) - hf(ids).logits).abs().max().item()
     assert diff < 1e-4
@@ -53,8 +55,8 @@ def test_batched_greedy_equals_transformers_generate(both):
     assert len({len(p) for p in prompts}) == 3  # different lengths: left padding is exercised
     got = M.generate(ours, prompts, max_new_tokens=24, stop_ids=tok.eos_ids, pad_id=tok.pad_id)
     width = max(map(len, prompts))
-    ids = torch.tensor([[tok.pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[tok.pad_id] * (width - len(p)) + p for p in prompts], device=ours.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=ours.device)
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
                           eos_token_id=tok.eos_ids, pad_token_id=tok.pad_id)

@@ -14,7 +14,7 @@ import torch
 import lora_merge as LM
 import model as M
 import prune
-from test_model import CONFIGS, make_hf_checkpoint
+from test_model import CONFIGS, CUDA, DEVICES, make_hf_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -145,6 +145,34 @@ def test_killed_training_resumes_to_the_same_weights(tiny, tmp_path):
         assert torch.equal(p, prune.matrices(other)[k]), k
 
 
+@CUDA
+def test_training_on_cuda_matches_cpu_and_its_checkpoint_resumes_on_cpu(tiny, tmp_path):
+    """The same float32 step on both devices gives the same loss, gradients and pruning (up to
+    rounding), and a checkpoint written on the GPU resumes on a CPU-only machine."""
+    train_set = [{k: v[i].tolist() for k, v in token_batches(4, 5).items() if k != "attention_mask"} for i in range(4)]
+    batch = LM.make_batches(train_set, 4, pad_id=0, seed=0)[0]
+    cpu, gpu, start = tiny, copy.deepcopy(tiny).to("cuda"), copy.deepcopy(tiny)
+    assert abs(LM.step_loss(cpu, batch, 2) - LM.step_loss(gpu, batch, 2)) < 1e-5
+    for (n, p), q in zip(cpu.named_parameters(), gpu.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    for m in (cpu, gpu):
+        m.zero_grad(set_to_none=True)
+    cfg = LM.TrainConfig(lr=1e-2, batch_size=2, micro_batch=1, epochs=1, patience=10, ratio=0.3)
+    logs = [LM.train(m, train_set, train_set[:2], 0, cfg, tmp_path / f"{i}.pt") for i, m in enumerate((cpu, gpu))]
+    torch.testing.assert_close([h["val_loss"] for h in logs[1]["history"]],
+                               [h["val_loss"] for h in logs[0]["history"]], rtol=1e-4, atol=0)
+    same = total = 0
+    for k, p in prune.matrices(cpu).items():
+        q = prune.matrices(gpu)[k].cpu()
+        assert q.device.type == "cpu" and (q == 0).sum() >= round(0.3 * q.numel()), k
+        same, total = same + ((p == 0) == (q == 0)).sum().item(), total + p.numel()
+    assert same / total > 0.99  # a near-tie at the cut may rank the other way on the other device
+    resumed = LM.train(start, train_set, train_set[:2], 0, LM.TrainConfig(**{**cfg.__dict__, "epochs": 2}),
+                       tmp_path / "1.pt")  # the GPU run's checkpoint, on the CPU
+    assert resumed["epochs_run"] == 2 and resumed["history"][:2] == logs[1]["history"]
+
+
 def test_checkpoint_of_other_settings_is_not_resumed(tiny, tmp_path):
     """A checkpoint resumes only into the run that wrote it: another --reset, --lr, another set of
     adapters or other examples stop with a message naming the checkpoint; more epochs continue."""
@@ -188,10 +216,12 @@ def related_module(tmp_path_factory):
     return folder
 
 
-def test_cli_merge_del_end_to_end(tmp_path, related_module):
+@pytest.mark.parametrize("device", DEVICES)
+def test_cli_merge_del_end_to_end(tmp_path, related_module, device):
     out = tmp_path / "run"
     summary = LM.main(["--task", "scitldr", "--related", str(related_module), "--with-target",
-                       "--ratio", "0.2,0.4", "--epochs", "1", "--out", str(out), *TINY_FLAGS])
+                       "--ratio", "0.2,0.4", "--epochs", "1", "--out", str(out), "--device", device, *TINY_FLAGS])
+    assert summary["args"]["device"] == device
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"]["mean"]["rougeL"] == summary["summary"]["mean"]["rougeL"]
     run = saved["runs"][0]
@@ -202,14 +232,14 @@ def test_cli_merge_del_end_to_end(tmp_path, related_module):
     preds = [json.loads(line) for line in (out / "seed0" / "predictions.jsonl").read_text().splitlines()]
     test_ids = [json.loads(line)["id"] for line in (DATA / "scitldr" / "test.jsonl").read_text().splitlines()[:2]]
     assert [p["id"] for p in preds] == test_ids
-    fresh, _ = M.load_model()
+    fresh, _ = M.load_model()  # on the CPU, whichever device trained them
     for name in ("rel", "TGT"):
         assert M.load_adapter(fresh, out / "seed0" / "adapters" / name) == name
     assert (out / "seed0" / "modules" / "TGT" / "train_log.json").is_file()
     # the same --out with another subsample: its TGT module is not silently reused
     with pytest.raises(SystemExit, match="TGT module .*n_train: 4 there, 3 now"):
         LM.main(["--task", "scitldr", "--related", str(related_module), "--with-target", "--ratio", "0.2,0.4",
-                 "--epochs", "1", "--out", str(out), *TINY_FLAGS, "--n-train", "3"])
+                 "--epochs", "1", "--out", str(out), "--device", device, *TINY_FLAGS, "--n-train", "3"])
 
 
 def test_cli_killed_run_resumes(tmp_path, related_module):
@@ -248,6 +278,9 @@ def test_cli_killed_run_resumes(tmp_path, related_module):
     (["--threshold", "0.01"], "--threshold applies to --method merge with --unit module"),
     (["--lr", "0"], "need --lr > 0"),
     (["--dropout", "1"], "0 <= --dropout < 1"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device name"),
+    (["--device", "mps"], "--device mps: only cpu and cuda"),
+    (["--device", "cuda:7"], "--device cuda:7: PyTorch sees"),  # no test machine has 8 GPUs
 ])
 def test_bad_flags_fail_before_any_work(flags, message, capsys):
     argv = ["--task", "scitldr", *flags] if flags[0] != "--task" else flags
@@ -258,6 +291,7 @@ def test_bad_flags_fail_before_any_work(flags, message, capsys):
 
 def test_pruning_flags_keep_their_defaults_where_they_apply():
     args, _ = LM.parse_args(["--task", "scitldr"])
+    assert args.device == ("cuda" if torch.cuda.is_available() else "cpu")
     assert (args.ratio, args.threshold) == ([0.3], [0.005])
     args, _ = LM.parse_args(["--task", "scitldr", "--unit", "module", "--threshold", "0.002", "0.005"])
     assert args.threshold == [0.002, 0.005]

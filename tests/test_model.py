@@ -19,6 +19,10 @@ CONFIGS = {
     "mha_tied": dict(num_key_value_heads=4, tie_word_embeddings=True, rope_theta=10000.0),
     "gqa_tied": dict(num_key_value_heads=1, tie_word_embeddings=True, rope_theta=100000.0),
 }
+# Tests that take `device` run on the CPU everywhere and again on a GPU where PyTorch sees one
+# (CI has none; run the suite on a GPU machine to check the CUDA path).
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 def make_hf_checkpoint(folder, seed=0, max_shard_size=None, **overrides):
@@ -33,12 +37,14 @@ def make_hf_checkpoint(folder, seed=0, max_shard_size=None, **overrides):
     return hf
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_logits_match_transformers(tmp_path, name):
-    hf = make_hf_checkpoint(tmp_path, **CONFIGS[name])
-    ours, tok = M.load_model(tmp_path)
+def test_logits_match_transformers(tmp_path, name, device):
+    hf = make_hf_checkpoint(tmp_path, **CONFIGS[name]).to(device)
+    ours, tok = M.load_model(tmp_path, device=device)
     assert tok is None  # the folder has no tokenizer.json
-    ids = torch.randint(0, SMALL["vocab_size"], (2, 100))  # long enough to reach llama3-scaled frequencies
+    assert ours.device.type == device and ours.inv_freq.device.type == device
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 100), device=device)  # long enough to reach llama3-scaled frequencies
     with torch.no_grad():
         expected = hf(ids).logits
         got = ours(ids)
