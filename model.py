@@ -172,7 +172,8 @@ class Attention(nn.Module):
             # this is plain attention per kv head (no causal part: one query sees every key).
             # On CPU that is several times faster than enable_gqa for a single query.
             g = q.view(B, self.n_kv, self.n_heads // self.n_kv, self.hd)  # [B, kvh, H/kvh, hd]
-            y = F.scaled_dot_product_attention(g, k, v, attn_mask=mask).view(B, self.n_heads, 1, self.hd)
+            # reshape, not view: CUDA's kernels may return y in another memory layout.
+            y = F.scaled_dot_product_attention(g, k, v, attn_mask=mask).reshape(B, self.n_heads, 1, self.hd)
         else:
             # enable_gqa shares each kv head with H/kvh query heads: repeat_kv without the copy.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
