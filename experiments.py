@@ -584,15 +584,22 @@ def report(args) -> int:
     mods = [json.loads(p.read_text()) for p in modules]
     commands = list(dict.fromkeys(r["run"]["runner_command"] for r in sorted(
         all_runs, key=lambda r: r["run"].get("finished", "")) if r["run"].get("runner_command")))
-    machines = {json.dumps({k: v for k, v in r["run"]["machine"].items() if k != "host"}, sort_keys=True)
-                for r in all_runs + [{"run": m} for m in mods] if r["run"].get("machine")}
+    machines = {}  # machine (without host name) -> the runs made on it, so GPU and CPU seeds can be told apart
+    for r in all_runs + [{"run": m} for m in mods]:
+        if r["run"].get("machine"):
+            key = json.dumps({k: v for k, v in r["run"]["machine"].items() if k != "host"}, sort_keys=True)
+            machines.setdefault(key, []).append(r)
+    most = max(machines, key=lambda m: len(machines[m]), default=None)
+    run_name = lambda r: f"{r['run']['setting']}/{r['run']['row']} seed {r['seed']}" if "row" in r["run"] else "a module"
     wall = sum(r["run"].get("wall_time_s", 0) for r in all_runs) + sum(m["wall_time_s"] for m in mods)
     md += ["## How these were produced", "", "```", *[c for c in dict.fromkeys(m["command"] for m in mods)
                                                        if c not in commands], *commands,
            args.command_line, "```", "",
            f"Runs cached: {len(all_runs)}; total wall time {wall / 3600:.2f} h ({wall:.0f} s; related-module "
            f"training {sum(m['wall_time_s'] for m in mods):.0f} s of it).", "", "Machine(s):", "",
-           *[f"- {m}" for m in sorted(machines)], "", "<details><summary>every lora_merge command</summary>", "",
+           *[f"- {m}: {len(rs)} runs, {sum(r['run'].get('wall_time_s', 0) for r in rs) / 3600:.2f} h"
+             + ("" if m == most else ": " + ", ".join(sorted(map(run_name, rs)))) for m, rs in sorted(machines.items())],
+           "", "<details><summary>every lora_merge command</summary>", "",
            "```", *[portable(r["run"]["command"]) for r in all_runs if r["run"].get("command")], "```", "</details>", ""]
     data.atomic_write(out / "README.md", lambda f: f.write("\n".join(md).encode()))
     print(f"wrote {out / 'README.md'}")
