@@ -88,7 +88,7 @@ def make_batches(encoded: list[dict], size: int, pad_id: int, seed: int | None =
 def to_device(batch: dict, device) -> dict:
     """A batch's tensors on the model's device. Batches are built on the CPU, once per epoch,
     and moved one (micro-)batch at a time: a few KB of token ids, so the copy costs nothing."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
