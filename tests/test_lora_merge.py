@@ -146,9 +146,11 @@ def test_killed_training_resumes_to_the_same_weights(tiny, tmp_path):
 
 
 @CUDA
-def test_training_on_cuda_matches_cpu_and_its_checkpoint_resumes_on_cpu(tiny, tmp_path):
-    """The same float32 step on both devices gives the same loss, gradients and pruning (up to
-    rounding), and a checkpoint written on the GPU resumes on a CPU-only machine."""
+@pytest.mark.parametrize("variant", [{}, {"importance": "grad"}, {"reset": "init"}])
+def test_training_on_cuda_matches_cpu_and_its_checkpoint_resumes_on_cpu(tiny, tmp_path, variant):
+    """The same float32 steps on both devices give the same loss, gradients and pruning (up to
+    rounding), with either importance and either reset, and a checkpoint written on the GPU
+    resumes on a CPU-only machine."""
     train_set = [{k: v[i].tolist() for k, v in token_batches(4, 5).items() if k != "attention_mask"} for i in range(4)]
     batch = LM.make_batches(train_set, 4, pad_id=0, seed=0)[0]
     cpu, gpu, start = tiny, copy.deepcopy(tiny).to("cuda"), copy.deepcopy(tiny)
@@ -158,15 +160,16 @@ def test_training_on_cuda_matches_cpu_and_its_checkpoint_resumes_on_cpu(tiny, tm
             torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-4, atol=1e-6, msg=n)
     for m in (cpu, gpu):
         m.zero_grad(set_to_none=True)
-    cfg = LM.TrainConfig(lr=1e-2, batch_size=2, micro_batch=1, epochs=1, patience=10, ratio=0.3)
+    cfg = LM.TrainConfig(lr=1e-2, batch_size=2, micro_batch=1, epochs=1, patience=10, ratio=0.3, **variant)
     logs = [LM.train(m, train_set, train_set[:2], 0, cfg, tmp_path / f"{i}.pt") for i, m in enumerate((cpu, gpu))]
     torch.testing.assert_close([h["val_loss"] for h in logs[1]["history"]],
                                [h["val_loss"] for h in logs[0]["history"]], rtol=1e-4, atol=0)
-    same = total = 0
+    init, same, total = prune.snapshot(start), 0, 0
     for k, p in prune.matrices(cpu).items():
         q = prune.matrices(gpu)[k].cpu()
-        assert q.device.type == "cpu" and (q == 0).sum() >= round(0.3 * q.numel()), k
-        same, total = same + ((p == 0) == (q == 0)).sum().item(), total + p.numel()
+        reset_to = torch.zeros_like(p) if cfg.reset == "zero" else init[k]  # where a pruned entry lands
+        assert (q == reset_to).sum() >= round(0.3 * q.numel()), k
+        same, total = same + ((p == reset_to) == (q == reset_to)).sum().item(), total + p.numel()
     assert same / total > 0.99  # a near-tie at the cut may rank the other way on the other device
     resumed = LM.train(start, train_set, train_set[:2], 0, LM.TrainConfig(**{**cfg.__dict__, "epochs": 2}),
                        tmp_path / "1.pt")  # the GPU run's checkpoint, on the CPU

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import data
 import lorahub
 import model as M
-from test_model import CONFIGS, make_hf_checkpoint
+from test_model import CONFIGS, DEVICES, make_hf_checkpoint
 
 NAMES = ["xs", "wl", "tgt"]
 
@@ -153,7 +153,8 @@ class CharTokenizer:
         return [2 + ord(c) % 290 for c in text]
 
 
-def test_fit_loads_folders_tokenizes_and_merges(base, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fit_loads_folders_tokenizes_and_merges(base, tmp_path, device):
     folders = {}
     src = with_modules(base, NAMES[:2])
     for n in NAMES[:2]:
@@ -161,7 +162,7 @@ def test_fit_loads_folders_tokenizes_and_merges(base, tmp_path):
         folders[n] = tmp_path / n
     train_ex = [{"document": f"document number {i} " * 3, "summary": f"summary {i}"} for i in range(5)]
     args = SimpleNamespace(lorahub_budget=6, micro_batch=2, batch_size=4, max_source_tokens=None)
-    model, _ = M.load_model(base)
+    model, _ = M.load_model(base, device=device)
     M.add_lora(model, "leftover")  # fit starts from exactly the given modules
     out = lorahub.fit(model, CharTokenizer(), data.get_task("scitldr"), folders, train_ex, seed=0, args=args)
     assert set(out) == {"lorahub_weights", "lorahub_objective", "lorahub_history"}
@@ -170,7 +171,8 @@ def test_fit_loads_folders_tokenizes_and_merges(base, tmp_path):
     layer, ref = M.lora_layers(model)[path], M.lora_layers(src)[path]
     A, B = lorahub.merge_weights([ref.lora_A[n] for n in NAMES[:2]], [ref.lora_B[n] for n in NAMES[:2]],
                                  list(out["lorahub_weights"].values()))
-    assert torch.allclose(layer.lora_A["lorahub"], A) and torch.allclose(layer.lora_B["lorahub"], B)
+    assert layer.lora_A["lorahub"].device.type == device
+    assert torch.allclose(layer.lora_A["lorahub"].cpu(), A) and torch.allclose(layer.lora_B["lorahub"].cpu(), B)
     assert not model.training
     ids = M.generate(model, [[5, 6, 7]], max_new_tokens=3, stop_ids=[1])  # ready for decoding
     assert len(ids[0]) <= 3
