@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 import model as M
 from embedded import embedded_model_dir
-from test_model import DEVICES
+from test_model import DEVICES, hf_greedy
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -54,15 +54,7 @@ def test_batched_greedy_equals_transformers_generate(both):
     prompts = [tok.encode(tok.chat_prompt(f"Write a one-sentence TLDR.\n{d[:60 * (i + 1)]}")) for i, d in enumerate(docs)]
     assert len({len(p) for p in prompts}) == 3  # different lengths: left padding is exercised
     got = M.generate(ours, prompts, max_new_tokens=24, stop_ids=tok.eos_ids, pad_id=tok.pad_id)
-    width = max(map(len, prompts))
-    ids = torch.tensor([[tok.pad_id] * (width - len(p)) + p for p in prompts], device=ours.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=ours.device)
-    with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
-                          eos_token_id=tok.eos_ids, pad_token_id=tok.pad_id)
-    for row, mine in zip(out[:, width:].tolist(), got):
-        cut = next((j + 1 for j, t in enumerate(row) if t in tok.eos_ids), len(row))
-        assert mine == row[:cut]
+    assert got == hf_greedy(hf, prompts, 24, stop_ids=tok.eos_ids, pad_id=tok.pad_id)
     assert all(len(g) >= 1 for g in got)
     assert tok.decode(got[0]).strip()  # real text, not empty or only newlines
 

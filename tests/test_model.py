@@ -37,6 +37,18 @@ def make_hf_checkpoint(folder, seed=0, max_shard_size=None, **overrides):
     return hf
 
 
+def hf_greedy(hf, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int) -> list[list[int]]:
+    """transformers' greedy generate on left-padded prompts, each row cut after its first stop id:
+    the oracle for model.generate, on whichever device hf is."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=hf.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                          eos_token_id=stop_ids, pad_token_id=pad_id)[:, width:].tolist()
+    return [row[:next((j + 1 for j, t in enumerate(row) if t in stop_ids), len(row))] for row in out]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_logits_match_transformers(tmp_path, name, device):
@@ -62,13 +74,7 @@ def test_batched_greedy_equals_transformers_generate(tmp_path, name, device):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, SMALL["vocab_size"], (n,), generator=g).tolist() for n in (9, 4, 13)]
     got = M.generate(ours, prompts, max_new_tokens=12, stop_ids=[0], pad_id=1)
-    width = max(map(len, prompts))
-    ids = torch.tensor([[1] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                          eos_token_id=0, pad_token_id=1)[:, width:].tolist()
-    assert got == [row[:row.index(0) + 1] if 0 in row else row for row in out]
+    assert got == hf_greedy(hf, prompts, 12, stop_ids=[0], pad_id=1)
 
 
 def test_left_padded_batch_matches_unpadded(tmp_path):
