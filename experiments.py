@@ -22,6 +22,9 @@ Choices:
   the seeds' test predictions pooled into one sample of (seed, example id) pairs; for BLEU the
   statistic is corpus BLEU over the pooled sample. Figure 6's cells are tested against LoRA (TGT)
   with as many training examples, and each Merge+Del row against its Merge row (does pruning help?).
+- Figure 4 wants the validation score at every Del% of the paper's grid. With a smaller --ratios
+  budget, row fig4-del-tgt trains the rest of the grid for a seed, and the report joins its
+  candidates with merge-del-tgt's as one grid search (whole_grid).
 - Table 4's module unit needs an absolute threshold; THRESHOLDS are grids around the module
   importances measured on the embedded model in the Japanese setting (see there).
 - Flags after `--` go to lora_merge after the row's own and win over them (argparse: last wins),
@@ -95,18 +98,34 @@ def rows(setting: str, ratios: list[str] = RATIOS) -> dict[str, dict]:
             if n != 50:
                 table[f"{rid}-n{n}"] = {"label": f"{table[rid]['label']}, {n} examples", "groups": ["fig6"],
                                         "flags": [*table[rid]["flags"], "--n-train", str(n)]}
+    # Figure 4 wants the validation score at every Del% of the paper's grid. A budget whose
+    # --ratios are fewer gets them from this row: the other Del% of the grid, same seed and flags.
+    # Each candidate trains from the same start, so this run and merge-del-tgt's together are the
+    # full grid search (report: the best validation score of the two, and that run's test score).
+    rest = [f"{v:g}" for v in grid(RATIOS) if v not in grid(ratios)]
+    table["fig4-del-tgt"] = {"label": f"{table['merge-del-tgt']['label']}, the rest of the Del% grid",
+                             "groups": ["fig4"], "flags": ["--ratio", *rest, "--related", "@REL", "--with-target"]
+                             if rest else None}
     return table
 
 
-def select(setting: str, wanted: list[str]) -> list[str]:
-    table = rows(setting)
+def grid(ratios: list[str]) -> list[float]:
+    """--ratios as numbers (lora_merge's syntax: '0.3 0.6', '0.3,0.6' or '0.1:0.6:0.1')."""
+    return lora_merge.parse_values(ratios, "--ratios", 0.0, 1.0)
+
+
+def select(setting: str, wanted: list[str], ratios: list[str] = RATIOS) -> list[str]:
+    table = rows(setting, ratios)
     out = []
     for w in wanted:
-        ids = list(table) if w == "all" else [r for r in table if w in table[r]["groups"]] or [w]
+        ids = [r for r in table if (w == "all" or w in table[r]["groups"]) and table[r]["flags"] is not None] or [w]
         for rid in ids:
             if rid not in table:
-                raise SystemExit(f"error: unknown row {rid!r}; rows: {', '.join(table)}; groups: all table2 table4 fig6")
+                raise SystemExit(f"error: unknown row {rid!r}; rows: {', '.join(table)}; groups: all table2 table4 fig4 fig6")
             out += [rid] if rid not in out else []
+    if "fig4-del-tgt" in out and table["fig4-del-tgt"]["flags"] is None:
+        raise SystemExit("error: row fig4-del-tgt has nothing to run: --ratios is already the paper's whole grid, "
+                         "so Figure 4 reads merge-del-tgt's candidates")
     # LoRA (TGT) first: its TGT modules are then copied, not retrained, by the other +TGT rows
     return sorted(out, key=lambda r: not r.startswith("lora-tgt"))
 
@@ -206,7 +225,7 @@ def run(args, extra: list[str]) -> int:
     setting_dir, table, failed = Path(args.root) / args.setting, rows(args.setting, args.ratios), []
     common = [*(["--data-dir", args.data_dir] if args.data_dir else []),
               *(["--max-test", str(args.max_test)] if args.max_test else [])]
-    for rid in select(args.setting, args.rows):
+    for rid in select(args.setting, args.rows, args.ratios):
         for seed in args.seeds:
             run_dir = setting_dir / rid / f"seed{seed}-run"
             argv_of = lambda folders: ["--task", SETTINGS[args.setting]["task"], *substitute(table[rid]["flags"], folders),
@@ -397,12 +416,56 @@ def curve(ax, rs: list[dict], metric: str, label: str, scale: float = 1.0):
     return bool(xs)
 
 
+def whole_grid(runs: dict, metric: str) -> list[dict]:
+    """Each seed cached in both merge-del-tgt and fig4-del-tgt, as one grid search over the union of
+    their candidates: {"seed", "val": {Del%: validation score}, "chosen", "holder": the run that
+    holds the pick (and its test predictions), "budget": merge-del-tgt's run}. The pick is the best
+    validation score, the smaller Del% on a tie, as lora_merge picks: the holder picked it too."""
+    rest, out = {r["seed"]: r for r in runs["fig4-del-tgt"]}, []
+    for budget in runs["merge-del-tgt"]:
+        if budget["seed"] not in rest:
+            continue
+        held = {float(v): (r, c["val_scores"][metric]) for r in (budget, rest[budget["seed"]])
+                for v, c in r.get("candidates", {}).items() if "val_scores" in c}
+        val = {v: score for v, (_, score) in sorted(held.items())}
+        best = max(val, key=val.get)
+        out.append({"seed": budget["seed"], "val": val, "chosen": best, "holder": held[best][0], "budget": budget})
+    return out
+
+
+def whole_grid_table(task, grids: list[dict], refs: dict | None, shuffles: int) -> list[str]:
+    """The numbers of Figure 4's whole-grid curve, per seed, and the pick's test score against the
+    budget's pick (its Table 2 score), pooled over the seeds by the usual test."""
+    m, values = task.metric, sorted({v for g in grids for v in g["val"]})
+    lines = [f"Figure 4's whole Del% grid (Merge+Del +TGT; the Del% of `--ratios` from merge-del-tgt, the others "
+             f"from fig4-del-tgt, same seed): validation {m} at each Del%, the Del% a grid search over all of "
+             f"them picks and its test {m}, against the pick from `--ratios` alone (Table 2's).", "",
+             f"| seed | {' | '.join(f'{v * 100:g}' for v in values)} | whole grid: Del% | test | "
+             "`--ratios`: Del% | test |", "|---" * (len(values) + 5) + "|"]
+    for g in grids:
+        val = " | ".join(f"{g['val'][v]:.2f}" if v in g["val"] else "-" for v in values)
+        lines.append(f"| {g['seed']} | {val} | {g['chosen'] * 100:g} | {g['holder']['test'][m]:.2f} | "
+                     f"{g['budget']['chosen'] * 100:g} | {g['budget']['test'][m]:.2f} |")
+    result = pooled_test(task, predictions([g["holder"] for g in grids]), predictions([g["budget"] for g in grids]),
+                         refs, shuffles) if refs is not None else None
+    if result is not None:
+        lines += ["", f"Whole grid minus `--ratios`, pooled over {len(grids)} seed(s): {result['diff']:+.2f} "
+                      f"(p {result['p']:.4f})."]
+    return lines
+
+
 def figure4(setting: str, task, runs: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     done = [curve(left, runs[rid], task.metric, rows(setting)[rid]["label"]) for rid in runs if rid.startswith("abl-module")]
     done += [curve(right, runs[rid], task.metric, rows(setting)[rid]["label"], 100)
              for rid in ("merge-del", "merge-del-tgt", "abl-param-input-init", "abl-param-grad-zero", "abl-param-grad-init")]
+    grids = whole_grid(runs, task.metric)
+    if grids:  # each seed's whole grid as one run, so that curve() averages the seeds that have it
+        seeds = ", ".join(str(g["seed"]) for g in grids)
+        done.append(curve(right, [{"candidates": {f"{v:g}": {"val_scores": {task.metric: s}} for v, s in g["val"].items()}}
+                                  for g in grids], task.metric,
+                          f"{rows(setting)['merge-del-tgt']['label']}, whole grid (seed {seeds})", 100))
     left.set(xscale="log", xlabel="module threshold", ylabel=f"validation {task.metric}", title="Module")
     right.set(xlabel="Del% (parameter)", ylabel=f"validation {task.metric}", title="Parameter")
     for ax in (left, right):
@@ -578,6 +641,8 @@ def report(args) -> int:
                            (f"fig6_{setting}.png", figure6(setting, task, runs, out / f"fig6_{setting}.png"))]:
             md += [f"![{name}]({name})" + (f" (from {made})" if isinstance(made, str) else "") if made
                    else f"{name.split('_')[0]}: not run", ""]
+            if name.startswith("fig4") and whole_grid(runs, task.metric):
+                md += [*whole_grid_table(task, whole_grid(runs, task.metric), refs, args.shuffles), ""]
             if name.startswith("fig6") and made:
                 md += [f"Figure 6's numbers ({task.metric}, mean ± std over seeds; p and † against LoRA (TGT) with as "
                        "many training examples):", "", *table6(setting, task, runs, test), ""]
@@ -620,7 +685,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run (setting, row, seed) units that are not cached yet")
     r.add_argument("--setting", required=True, choices=list(SETTINGS))
-    r.add_argument("--rows", nargs="+", required=True, help="row ids or groups: all table2 table4 fig6")
+    r.add_argument("--rows", nargs="+", required=True, help="row ids or groups: all table2 table4 fig4 fig6")
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--max-test", type=int, default=None, help="score only the first N test examples")
     r.add_argument("--data-dir", default=None, help="passed to lora_merge (default: $LORA_MERGE_DATA, else ./data)")

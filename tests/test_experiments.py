@@ -33,6 +33,8 @@ def test_every_row_parses_as_lora_merge_flags(tmp_path):
         assert len([r for r in table if "table2" in table[r]["groups"]]) == 10
         assert len([r for r in table if "table4" in table[r]["groups"]]) == 9  # Merge baseline + 8 configurations
         folders = {a: str(tmp_path / "modules" / TAG / t) for a, t in spec["related"].items()}
+        assert table["fig4-del-tgt"]["flags"] is None  # the default grid is the paper's: nothing left for Figure 4
+        table["fig4-del-tgt"] = E.rows(setting, ["0.3", "0.6"])["fig4-del-tgt"]  # a budget of two Del%
         for rid, row in table.items():
             flags = [x for f in row["flags"] for x in
                      (folders.values() if f == "@REL" else [folders[f[1:]]] if f.startswith("@") else [f])]
@@ -44,6 +46,11 @@ def test_every_row_parses_as_lora_merge_flags(tmp_path):
                 assert args.ratio == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
             if rid.startswith("abl-module"):
                 assert args.unit == "module" and len(args.threshold) > 1 and args.with_target
+            if rid == "fig4-del-tgt":  # the rest of the paper's grid, with merge-del-tgt's other flags
+                assert args.ratio == [0.1, 0.2, 0.4, 0.5] and args.with_target and args.related == list(folders.values())
+        with pytest.raises(SystemExit, match="fig4-del-tgt has nothing to run"):
+            E.select(setting, ["fig4-del-tgt"])
+        assert "fig4-del-tgt" not in E.select(setting, ["all"]) and E.select(setting, ["fig4"], ["0.3"]) == ["fig4-del-tgt"]
 
 
 def fake_main(calls):
@@ -187,13 +194,15 @@ def test_real_zero_shot_run_end_to_end(tmp_path):
 REFS = [f"the model learns summaries of paper number {i}" for i in range(8)]
 
 
-def write_cached(root: Path, data_dir: Path, row: str, seed: int, score: float, preds: list[str], chosen=None):
+def write_cached(root: Path, data_dir: Path, row: str, seed: int, score: float, preds: list[str], chosen=None,
+                 val: dict | None = None):
+    """A finished run as the runner caches it; val: Del% -> validation score of its candidates."""
     run_dir = root / "en" / row / f"seed{seed}-run"
     result = {"seed": seed, "method": "merge", "test": {"rouge1": 1.0, "rouge2": 2.0, "rougeL": score, "bleu": 3.0}}
     if chosen is not None:
         result["chosen"] = chosen
-        result["candidates"] = {f"{v:g}": {"val_scores": {"rougeL": 20 + 10 * v + seed}, "sparsity": {"TGT": v}}
-                                for v in (0.1, 0.2, 0.3)}
+        val = val or {v: 20 + 10 * v + seed for v in (0.1, 0.2, 0.3)}
+        result["candidates"] = {f"{v:g}": {"val_scores": {"rougeL": s}, "sparsity": {"TGT": v}} for v, s in val.items()}
     args = {"task": "scitldr", "data_dir": str(data_dir), "n_train": 50}
     lora_merge.write_json(run_dir / "results.json", {"task": "scitldr", "args": args, "seeds": [seed],
                                                     "runs": [result], "wall_time_s": 10.0})
@@ -285,6 +294,31 @@ def test_report_numbers_equal_the_cache(tmp_path):
     assert cell(pruning, f"{E.rows('en')['merge-del']['label']} − {E.rows('en')['merge']['label']}")[1:] == \
         ["not run"] * 4  # merge is cached, merge-del is not
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temp files
+
+
+def test_whole_del_grid_joins_the_budget_run_and_the_fig4_run(tmp_path):
+    """Figure 4's whole grid: merge-del-tgt's Del% (30, 60) and fig4-del-tgt's (10, 20, 40, 50) of
+    one seed are one grid search; its pick and test score come from the run that holds the best
+    validation score, and a seed without the fig4 run is left out."""
+    data_dir, root, out = tmp_path / "data", tmp_path / "cache", tmp_path / "results"
+    (data_dir / "scitldr").mkdir(parents=True)
+    (data_dir / "scitldr" / "test.jsonl").write_text("".join(
+        json.dumps({"id": f"t{i}", "document": "doc", "summary": r}) + "\n" for i, r in enumerate(REFS)))
+    weak = [f"a survey of unrelated topic {i}" for i in range(8)]
+    for seed in (0, 1, 2):
+        write_cached(root, data_dir, "merge-del-tgt", seed, 30.0, weak, chosen=0.3, val={0.3: 25.0, 0.6: 24.0})
+    # seed 0: 10% beats the budget's pick; seed 1: 10% ties with 30% and wins as the smaller Del%
+    write_cached(root, data_dir, "fig4-del-tgt", 0, 35.0, REFS, chosen=0.1, val={0.1: 27.0, 0.2: 26.0, 0.4: 22.0, 0.5: 21.0})
+    write_cached(root, data_dir, "fig4-del-tgt", 1, 33.0, REFS, chosen=0.1, val={0.1: 25.0, 0.2: 20.0, 0.4: 20.0, 0.5: 19.0})
+    out.mkdir()
+    assert E.main(["report", "--root", str(root), "--out", str(out), "--shuffles", "2000"]) == 0
+    md = (out / "README.md").read_text().split("## ja")[0]
+    assert cell(md, "0") == ["0", "27.00", "26.00", "25.00", "22.00", "21.00", "24.00", "10", "35.00", "30", "30.00"]
+    assert cell(md, "1") == ["1", "25.00", "20.00", "25.00", "20.00", "19.00", "24.00", "10", "33.00", "30", "30.00"]
+    assert "| 2 |" not in md.split("whole Del% grid")[1]  # seed 2 has no fig4 run
+    ref = metrics.approx_randomization(data.get_task("scitldr"), REFS * 2, weak * 2, [[r] for r in REFS] * 2, shuffles=2000)
+    assert f"pooled over 2 seed(s): {ref['diff']:+.2f} (p {ref['p']:.4f})" in md and ref["diff"] > 0
+    assert (out / "fig4_en.png").stat().st_size > 1000
 
 
 def test_committed_results_are_the_report_of_the_committed_cache(tmp_path, monkeypatch):
