@@ -281,11 +281,14 @@ def list_rows(args) -> int:
     for folder in sorted(Path(args.root).glob("modules/*/*")):
         print(f"module {folder}: {'trained' if (folder / 'adapter_config.json').is_file() else 'unfinished'}")
     for setting in SETTINGS:
-        for rid, row in rows(setting).items():
+        table = rows(setting)
+        width = max(len(row["label"]) for row in table.values())
+        gwidth = max(len(",".join(row["groups"])) for row in table.values())
+        for rid, row in table.items():
             seeds = [r["seed"] for r in cached(Path(args.root), setting, rid)]
             partial = [p.name for p in sorted((Path(args.root) / setting / rid).glob("seed*-run"))
                        if not (p / "results.json").is_file()]
-            print(f"{setting}  {rid:24} {row['label']:34} {','.join(row['groups']):12} "
+            print(f"{setting}  {rid:24} {row['label']:{width}} {','.join(row['groups']):{gwidth}} "
                   f"cached seeds: {seeds or '-'}" + (f"  unfinished: {partial}" if partial else ""))
     return 0
 
