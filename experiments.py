@@ -98,10 +98,8 @@ def rows(setting: str, ratios: list[str] = RATIOS) -> dict[str, dict]:
             if n != 50:
                 table[f"{rid}-n{n}"] = {"label": f"{table[rid]['label']}, {n} examples", "groups": ["fig6"],
                                         "flags": [*table[rid]["flags"], "--n-train", str(n)]}
-    # Figure 4 wants the validation score at every Del% of the paper's grid. A budget whose
-    # --ratios are fewer gets them from this row: the other Del% of the grid, same seed and flags.
-    # Each candidate trains from the same start, so this run and merge-del-tgt's together are the
-    # full grid search (report: the best validation score of the two, and that run's test score).
+    # Figure 4's row: the Del% of the paper's grid that --ratios leaves out (module docstring). Each
+    # candidate trains from the same start, so this run and merge-del-tgt's are one grid search.
     rest = [f"{v:g}" for v in grid(RATIOS) if v not in grid(ratios)]
     table["fig4-del-tgt"] = {"label": f"{table['merge-del-tgt']['label']}, the rest of the Del% grid",
                              "groups": ["fig4"], "flags": ["--ratio", *rest, "--related", "@REL", "--with-target"]
@@ -431,6 +429,8 @@ def whole_grid(runs: dict, metric: str) -> list[dict]:
         held = {float(v): (r, c["val_scores"][metric]) for r in (budget, rest[budget["seed"]])
                 for v, c in r.get("candidates", {}).items() if "val_scores" in c}
         val = {v: score for v, (_, score) in sorted(held.items())}
+        if not val:  # single-candidate runs are not scored on validation
+            continue
         best = max(val, key=val.get)
         out.append({"seed": budget["seed"], "val": val, "chosen": best, "holder": held[best][0], "budget": budget})
     return out
@@ -644,8 +644,8 @@ def report(args) -> int:
                            (f"fig6_{setting}.png", figure6(setting, task, runs, out / f"fig6_{setting}.png"))]:
             md += [f"![{name}]({name})" + (f" (from {made})" if isinstance(made, str) else "") if made
                    else f"{name.split('_')[0]}: not run", ""]
-            if name.startswith("fig4") and whole_grid(runs, task.metric):
-                md += [*whole_grid_table(task, whole_grid(runs, task.metric), refs, args.shuffles), ""]
+            if name.startswith("fig4") and (grids := whole_grid(runs, task.metric)):
+                md += [*whole_grid_table(task, grids, refs, args.shuffles), ""]
             if name.startswith("fig6") and made:
                 md += [f"Figure 6's numbers ({task.metric}, mean ± std over seeds; p and † against LoRA (TGT) with as "
                        "many training examples):", "", *table6(setting, task, runs, test), ""]
