@@ -134,6 +134,21 @@ def test_ratios_flag_sets_the_del_grid_and_leaves_merge_at_zero(tmp_path, monkey
     assert (tmp_path / "en" / "merge-del" / "seed0-run" / "results.json").read_text() == before
 
 
+def test_list_shows_cached_and_unfinished_runs_in_columns(tmp_path, monkeypatch, capsys):
+    fake_modules(tmp_path)
+    monkeypatch.setattr(lora_merge, "main", fake_main([]))
+    assert E.main(["run", "--setting", "en", "--rows", "zero-shot", "--seeds", "0", "2", "--root", str(tmp_path)]) == 0
+    (tmp_path / "en" / "merge" / "seed1-run").mkdir(parents=True)  # a killed run: no results.json
+    capsys.readouterr()
+    assert E.main(["list", "--root", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    line = {tuple(l.split()[:2]): l for l in lines if not l.startswith("module")}
+    assert line["en", "zero-shot"].endswith("cached seeds: [0, 2]") and line["ja", "zero-shot"].endswith("cached seeds: -")
+    assert line["en", "merge"].endswith("cached seeds: -  unfinished: ['seed1-run']")
+    assert len({l.index("cached seeds:") for k, l in line.items() if k[0] == "en"}) == 1  # one column
+    assert sum(l.startswith("module ") and l.endswith(": trained") for l in lines) == 4  # fake_modules' four
+
+
 def test_failed_run_is_reported_and_not_cached(tmp_path, monkeypatch, capsys):
     def broken(argv):
         raise RuntimeError("boom")
