@@ -120,10 +120,10 @@ def select(setting: str, wanted: list[str], ratios: list[str] = RATIOS) -> list[
         for rid in ids:
             if rid not in table:
                 raise SystemExit(f"error: unknown row {rid!r}; rows: {', '.join(table)}; groups: all table2 table4 fig4 fig6")
+            if table[rid]["flags"] is None:  # named on its own: groups above skip it
+                raise SystemExit(f"error: row {rid} has nothing to run with --ratios {' '.join(ratios)}: it is "
+                                 f"{table[rid]['label']}")
             out += [rid] if rid not in out else []
-    if "fig4-del-tgt" in out and table["fig4-del-tgt"]["flags"] is None:
-        raise SystemExit("error: row fig4-del-tgt has nothing to run: --ratios is already the paper's whole grid, "
-                         "so Figure 4 reads merge-del-tgt's candidates")
     # LoRA (TGT) first: its TGT modules are then copied, not retrained, by the other +TGT rows
     return sorted(out, key=lambda r: not r.startswith("lora-tgt"))
 
