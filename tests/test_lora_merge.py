@@ -239,6 +239,19 @@ def test_cli_merge_del_end_to_end(tmp_path, related_module, device):
     for name in ("rel", "TGT"):
         assert M.load_adapter(fresh, out / "seed0" / "adapters" / name) == name
     assert (out / "seed0" / "modules" / "TGT" / "train_log.json").is_file()
+    # a rerun resumes every finished candidate from its checkpoint and its cached validation scores,
+    # unless the cache is of other weights: 0.2's cache is marked, 0.4's has another best epoch
+    hit, stale = (out / "seed0" / f"parameter-{v}" / "val.json" for v in ("0.2", "0.4"))
+    for path, key_change in ((hit, 0.0), (stale, 1.0)):
+        cache = json.loads(path.read_text())
+        assert cache["val_scores"] == run["candidates"][path.parent.name.split("-")[1]]["val_scores"]
+        cache["key"]["best_val_loss"] += key_change
+        cache["val_scores"]["rougeL"] = 99.0
+        path.write_text(json.dumps(cache))
+    again = LM.main(["--task", "scitldr", "--related", str(related_module), "--with-target",
+                     "--ratio", "0.2,0.4", "--epochs", "1", "--out", str(out), "--device", device, *TINY_FLAGS])
+    assert again["runs"][0]["candidates"]["0.2"]["val_scores"]["rougeL"] == 99.0 and again["runs"][0]["chosen"] == 0.2
+    assert again["runs"][0]["candidates"]["0.4"]["val_scores"] == run["candidates"]["0.4"]["val_scores"]
     # the same --out with another subsample: its TGT module is not silently reused
     with pytest.raises(SystemExit, match="TGT module .*n_train: 4 there, 3 now"):
         LM.main(["--task", "scitldr", "--related", str(related_module), "--with-target", "--ratio", "0.2,0.4",
