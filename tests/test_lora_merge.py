@@ -222,8 +222,9 @@ def related_module(tmp_path_factory):
 @pytest.mark.parametrize("device", DEVICES)
 def test_cli_merge_del_end_to_end(tmp_path, related_module, device):
     out = tmp_path / "run"
-    summary = LM.main(["--task", "scitldr", "--related", str(related_module), "--with-target",
-                       "--ratio", "0.2,0.4", "--epochs", "1", "--out", str(out), "--device", device, *TINY_FLAGS])
+    flags = ["--task", "scitldr", "--related", str(related_module), "--with-target", "--ratio", "0.2,0.4",
+             "--epochs", "1", "--out", str(out), "--device", device, *TINY_FLAGS]
+    summary = LM.main(flags)
     assert summary["args"]["device"] == device
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"]["mean"]["rougeL"] == summary["summary"]["mean"]["rougeL"]
@@ -248,14 +249,12 @@ def test_cli_merge_del_end_to_end(tmp_path, related_module, device):
         cache["key"]["best_val_loss"] += key_change
         cache["val_scores"]["rougeL"] = 99.0
         path.write_text(json.dumps(cache))
-    again = LM.main(["--task", "scitldr", "--related", str(related_module), "--with-target",
-                     "--ratio", "0.2,0.4", "--epochs", "1", "--out", str(out), "--device", device, *TINY_FLAGS])
+    again = LM.main(flags)
     assert again["runs"][0]["candidates"]["0.2"]["val_scores"]["rougeL"] == 99.0 and again["runs"][0]["chosen"] == 0.2
     assert again["runs"][0]["candidates"]["0.4"]["val_scores"] == run["candidates"]["0.4"]["val_scores"]
     # the same --out with another subsample: its TGT module is not silently reused
     with pytest.raises(SystemExit, match="TGT module .*n_train: 4 there, 3 now"):
-        LM.main(["--task", "scitldr", "--related", str(related_module), "--with-target", "--ratio", "0.2,0.4",
-                 "--epochs", "1", "--out", str(out), "--device", device, *TINY_FLAGS, "--n-train", "3"])
+        LM.main([*flags, "--n-train", "3"])
 
 
 def test_cli_killed_run_resumes(tmp_path, related_module):
