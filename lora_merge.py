@@ -395,7 +395,7 @@ def run_seed(model, tok, task, args, seed: int, related: dict[str, Path]) -> dic
 def validation_scores(model, tok, task, val_ex, args, run_dir: Path, value: float, key: dict) -> dict:
     """A candidate's validation scores for the grid search, cached in run_dir/val.json beside its
     checkpoint: a resumed search does not decode the validation set again for every candidate it
-    has finished (about 5 minutes each for Japanese on a CPU). `key` (the checkpoint's settings and
+    has finished (90 s each for Japanese on the 2-core CPU, 50 titles). `key` (the checkpoint's settings and
     the best epoch's validation loss) says which weights were scored: more epochs that found no
     better one leave the same weights, a better epoch makes the cache stale."""
     path = run_dir / "val.json"
