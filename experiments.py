@@ -509,14 +509,17 @@ def module_importances(run: dict, data_dir) -> list[dict]:
     return out
 
 
-def figure5(setting: str, runs: dict, path: Path, data_dir) -> str | None:
-    import matplotlib.pyplot as plt
-    # the cached importances or the final adapters to measure them from
+def figure5_run(runs: dict) -> dict | None:
+    """The run Figure 5 shows: the first Merge+Del run with cached importances or the final
+    adapters to measure them from."""
     rs = [r for rid in ("merge-del-tgt", "merge-del") for r in runs[rid]
           if importance_path(r).is_file() or (Path(r["dir"]) / f"seed{r['seed']}" / "adapters").is_dir()]
-    if not rs:
-        return None
-    values = module_importances(rs[0], data_dir)
+    return rs[0] if rs else None
+
+
+def figure5(setting: str, run: dict, path: Path, data_dir) -> str:
+    import matplotlib.pyplot as plt
+    values = module_importances(run, data_dir)
     projs = sorted({v["module"].rsplit(".", 1)[1] for v in values})
     fig, axes = plt.subplots(1, len(projs), figsize=(5.5 * len(projs), 4), squeeze=False)
     for ax, proj in zip(axes[0], projs):
@@ -527,10 +530,32 @@ def figure5(setting: str, runs: dict, path: Path, data_dir) -> str | None:
         ax.set(xlabel="layer", ylabel="mean |W| * ||X|| of the module", title=proj)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=7)
-    source = f"{Path(rs[0]['dir']).parent.name} seed {rs[0]['seed']}"
+    source = f"{Path(run['dir']).parent.name} seed {run['seed']}"
     fig.suptitle(f"Figure 5 ({setting}): module-wise input importance of the final adapters of {source}")
     savefig(fig, path)
     return source
+
+
+def figure5_table(values: list[dict]) -> list[str]:
+    """Figure 5's numbers per module: the range the paper quotes, and how closely two modules'
+    importances follow each other across the adapted linears (Pearson r), which tells whether
+    a module threshold would cut by module (the paper's reading) or by layer."""
+    import numpy as np
+    by = {}  # adapter -> {linear: importance}
+    for v in values:
+        by.setdefault(v["adapter"], {})[v["module"]] = v["importance"]
+    names = sorted(by)
+    linears = sorted(set.intersection(*(set(d) for d in by.values())))
+    vec = {n: np.array([by[n][m] for m in linears]) for n in names}
+    lines = [f"Figure 5's numbers (module-wise input importance over the {len(linears)} adapted linears; r: "
+             "Pearson correlation of two modules' importances across them):", "",
+             "| Module | mean | min | max | " + " | ".join(f"r ({n})" for n in names) + " |",
+             "|---" * (4 + len(names)) + "|"]
+    for n in names:
+        x = vec[n]
+        rs = [f"{np.corrcoef(x, vec[m])[0, 1]:.4f}" for m in names]
+        lines.append(f"| {n} | {x.mean():.3g} | {x.min():.3g} | {x.max():.3g} | " + " | ".join(rs) + " |")
+    return lines
 
 
 def size_header(first: str) -> list[str]:
@@ -639,13 +664,16 @@ def report(args) -> int:
         md += ["", "### Table 4 (ablation of Merge+Del, +TGT)", ""]
         md += table4(setting, task, runs) if any(runs[r] for r in runs if r.startswith("abl-")) else ["not run"]
         md += ["", "### Figures", ""]
+        run5 = figure5_run(runs)
         for name, made in [(f"fig4_{setting}.png", figure4(setting, task, runs, out / f"fig4_{setting}.png")),
-                           (f"fig5_{setting}.png", figure5(setting, runs, out / f"fig5_{setting}.png", data_dir)),
+                           (f"fig5_{setting}.png", run5 and figure5(setting, run5, out / f"fig5_{setting}.png", data_dir)),
                            (f"fig6_{setting}.png", figure6(setting, task, runs, out / f"fig6_{setting}.png"))]:
             md += [f"![{name}]({name})" + (f" (from {made})" if isinstance(made, str) else "") if made
                    else f"{name.split('_')[0]}: not run", ""]
             if name.startswith("fig4") and (grids := whole_grid(runs, task.metric)):
                 md += [*whole_grid_table(task, grids, refs, args.shuffles), ""]
+            if name.startswith("fig5") and made:
+                md += [*figure5_table(module_importances(run5, data_dir)), ""]
             if name.startswith("fig6") and made:
                 md += [f"Figure 6's numbers ({task.metric}, mean ± std over seeds; p and † against LoRA (TGT) with as "
                        "many training examples):", "", *table6(setting, task, runs, test), ""]

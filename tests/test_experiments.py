@@ -250,8 +250,9 @@ def test_report_numbers_equal_the_cache(tmp_path):
     for row, values in scores.items():
         for seed, v in enumerate(values):
             write_cached(root, data_dir, row, seed, v, preds[row], chosen=0.1 * (seed + 1) if "del" in row else None)
-    importance = [{"module": f"model.layers.{l}.self_attn.{p}", "adapter": a, "importance": l + (a == "TGT")}
-                  for l in range(3) for p in ("q_proj", "v_proj") for a in ("TGT", "dialogsum")]
+    fig5_values = {"TGT": lambda l, p: l + 1, "dialogsum": lambda l, p: 2 * l if p == "q_proj" else 1}
+    importance = [{"module": f"model.layers.{l}.self_attn.{p}", "adapter": a, "importance": f(l, p)}
+                  for l in range(3) for p in ("q_proj", "v_proj") for a, f in fig5_values.items()]
     lora_merge.write_json(root / "en" / "merge-del-tgt" / "seed0-run" / "importance-seed0.json", importance)
 
     out.mkdir()
@@ -289,6 +290,13 @@ def test_report_numbers_equal_the_cache(tmp_path):
     for fig in ("fig4_en.png", "fig5_en.png", "fig6_en.png"):
         assert (out / fig).stat().st_size > 1000 and f"]({fig})" in md
     assert "fig4: not run" in md.split("## ja")[1] and "fig6: not run" in md.split("## ja")[1]
+    # Figure 5's numbers from the cached importances, over the 6 linears
+    fig5 = md.split("Figure 5's numbers")[1].split("\n\n")[1]
+    assert "over the 6 adapted linears" in md
+    tgt, ds = ([f(l, p) for l in range(3) for p in ("q_proj", "v_proj")] for f in fig5_values.values())
+    r = f"{statistics.correlation(tgt, ds):.4f}"  # 0.6489: dialogsum's v_proj does not follow the layers
+    assert cell(fig5, "TGT") == ["TGT", "2", "1", "3", "1.0000", r]
+    assert cell(fig5, "dialogsum") == ["dialogsum", "1.5", "0", "4", r, "1.0000"]
     fig6 = md.split("Figure 6's numbers")[1].split("## ja")[0]  # the numbers behind the plot, 50 examples cached
     for row in ("lora-tgt", "merge", "merge-del-tgt"):  # at 50: Table 2's cells, p and all
         got = table2[row]
