@@ -517,9 +517,9 @@ def figure5_run(runs: dict) -> dict | None:
     return rs[0] if rs else None
 
 
-def figure5(setting: str, run: dict, path: Path, data_dir) -> str:
+def figure5(setting: str, run: dict, values: list[dict], path: Path) -> str:
+    """Plots module_importances(run) per layer and linear; returns the run's name for the caption."""
     import matplotlib.pyplot as plt
-    values = module_importances(run, data_dir)
     projs = sorted({v["module"].rsplit(".", 1)[1] for v in values})
     fig, axes = plt.subplots(1, len(projs), figsize=(5.5 * len(projs), 4), squeeze=False)
     for ax, proj in zip(axes[0], projs):
@@ -665,15 +665,16 @@ def report(args) -> int:
         md += table4(setting, task, runs) if any(runs[r] for r in runs if r.startswith("abl-")) else ["not run"]
         md += ["", "### Figures", ""]
         run5 = figure5_run(runs)
+        values5 = run5 and module_importances(run5, data_dir)  # read (or measured) once: plot and table
         for name, made in [(f"fig4_{setting}.png", figure4(setting, task, runs, out / f"fig4_{setting}.png")),
-                           (f"fig5_{setting}.png", run5 and figure5(setting, run5, out / f"fig5_{setting}.png", data_dir)),
+                           (f"fig5_{setting}.png", run5 and figure5(setting, run5, values5, out / f"fig5_{setting}.png")),
                            (f"fig6_{setting}.png", figure6(setting, task, runs, out / f"fig6_{setting}.png"))]:
             md += [f"![{name}]({name})" + (f" (from {made})" if isinstance(made, str) else "") if made
                    else f"{name.split('_')[0]}: not run", ""]
             if name.startswith("fig4") and (grids := whole_grid(runs, task.metric)):
                 md += [*whole_grid_table(task, grids, refs, args.shuffles), ""]
             if name.startswith("fig5") and made:
-                md += [*figure5_table(module_importances(run5, data_dir)), ""]
+                md += [*figure5_table(values5), ""]
             if name.startswith("fig6") and made:
                 md += [f"Figure 6's numbers ({task.metric}, mean ± std over seeds; p and † against LoRA (TGT) with as "
                        "many training examples):", "", *table6(setting, task, runs, test), ""]
