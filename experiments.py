@@ -344,10 +344,12 @@ def chosen(runs: list[dict], scale: float = 1.0) -> str:
     return ", ".join(f"{r['chosen'] * scale:g}" for r in runs if len(r.get("candidates", {})) > 1) or "-"
 
 
-def zeros(runs: list[dict]) -> str:
-    """Exact-zero fraction of the adapters at the chosen candidate, mean over adapters and seeds, %."""
-    vals = [statistics.mean(r["candidates"][f"{r['chosen']:g}"]["sparsity"].values()) * 100
-            for r in runs if "chosen" in r and r["candidates"][f"{r['chosen']:g}"].get("sparsity")]
+def reset_share(runs: list[dict]) -> str:
+    """Share of the adapters' entries at their reset value at the chosen candidate, mean over
+    adapters and seeds, %: exact zeros ("sparsity"), or merge-start values for reset="init"
+    ("at_init"; runs from before that field show their zeros)."""
+    picks = [r["candidates"][f"{r['chosen']:g}"] for r in runs if "chosen" in r]
+    vals = [statistics.mean((c.get("at_init") or c["sparsity"]).values()) * 100 for c in picks if c.get("sparsity")]
     return f"{statistics.mean(vals):.1f}" if vals else "-"
 
 
@@ -380,7 +382,7 @@ def table2(setting: str, task, runs: dict, refs: dict | None, test) -> list[str]
 
 def table4(setting: str, task, runs: dict) -> list[str]:
     lines = [f"| Importance / Unit / Reset | {task.metric} (mean ± std) | seeds | Thresh (per seed) | "
-             "Del% (per seed) | zeros % |", "|---|---|---|---|---|---|"]
+             "Del% (per seed) | reset % |", "|---|---|---|---|---|---|"]
     order = ["merge-tgt", *[f"abl-module-{i}-{z}" for i in ("input", "grad") for z in ("zero", "init")],
              "merge-del-tgt", "abl-param-input-init", "abl-param-grad-zero", "abl-param-grad-init"]
     labels = {"merge-tgt": rows(setting)["merge-tgt"]["label"] + " (no pruning)",
@@ -393,7 +395,7 @@ def table4(setting: str, task, runs: dict) -> list[str]:
         module = rid.startswith("abl-module")
         lines.append(f"| {label} | {mean_std(scores_of(rs, task.metric))} | {', '.join(str(r['seed']) for r in rs)} | "
                      f"{chosen(rs) if module else '-'} | {'-' if module or rid == 'merge-tgt' else chosen(rs, 100)} | "
-                     f"{zeros(rs)} |")
+                     f"{reset_share(rs)} |")
     return lines
 
 
@@ -641,7 +643,8 @@ def report(args) -> int:
            "the commands). † marks p < 0.05 in an approximate randomization test against LoRA (TGT), "
            f"{args.shuffles} shuffles, on the seeds' predictions pooled into one sample of (seed, example) pairs "
            "(for BLEU: corpus BLEU of the pooled sample). Del% is the grid-searched ratio chosen on validation "
-           "per seed; zeros % the exact-zero fraction of the adapters at the chosen candidate; length / ref the mean "
+           "per seed; reset % the share of the adapters' entries at their reset value at the chosen candidate (zero, or "
+           "for Init rows their merge-start value); length / ref the mean "
            "prediction length over the mean reference length, in characters.", ""]
     notes = out / "discussion.md"  # the one hand-written part: prose about the tables, kept apart
     md += [notes.read_text().strip(), ""] if notes.is_file() else []

@@ -228,7 +228,8 @@ def train(model, train_enc: list[dict], val_enc: list[dict], pad_id: int, cfg: T
     load_adapter_state(model, state["best"])
     model.eval()
     return {"history": state["history"], "best_val_loss": state["best_loss"],
-            "epochs_run": state["epoch"], "sparsity": prune.sparsity(model)}
+            "epochs_run": state["epoch"], "sparsity": prune.sparsity(model),
+            **({"at_init": prune.sparsity(model, init)} if cfg.reset == "init" else {})}
 
 
 def adapter_state(model, names) -> dict:

@@ -197,10 +197,14 @@ def module_prune_(model, scores, threshold: float, reset: str = "zero", init=Non
     return low
 
 
-def sparsity(model) -> dict[str, float]:
-    """adapter -> fraction of exactly-zero entries over all its A and B: the sparsity reached."""
-    zeros, sizes = {}, {}
-    for (_, name, _), p in matrices(model).items():
-        zeros[name] = zeros.get(name, 0) + (p == 0).sum().item()
+def sparsity(model, start=None) -> dict[str, float]:
+    """adapter -> fraction of its A and B entries at their reset value: exactly zero (the sparsity
+    reached), or with `start` (the snapshot reset="init" goes back to) exactly their merge-start
+    value. Trained float32 entries move off that value at every AdamW step, so this is the share
+    that pruning reset last, which the zero count cannot show for reset="init"."""
+    hits, sizes = {}, {}
+    for key, p in matrices(model).items():
+        name = key[1]
+        hits[name] = hits.get(name, 0) + (p == (0 if start is None else start[key].to(p))).sum().item()
         sizes[name] = sizes.get(name, 0) + p.numel()
-    return {name: zeros[name] / sizes[name] for name in zeros}
+    return {name: hits[name] / sizes[name] for name in hits}

@@ -344,6 +344,39 @@ def test_whole_del_grid_joins_the_budget_run_and_the_fig4_run(tmp_path):
     assert (out / "fig4_en.png").stat().st_size > 1000
 
 
+def test_table4_rows_show_scores_picks_and_zeros_from_the_cache(tmp_path):
+    """Table 4 once an ablation row is cached: each row's test score over its seeds, the threshold
+    (module unit) or Del% (parameter unit) its search picked per seed, and the share of its
+    adapters at their reset value at the pick (zeros, or merge-start values for an Init row); rows
+    not cached say so, and Figure 4 draws the module thresholds."""
+    data_dir, root, out = tmp_path / "data", tmp_path / "cache", tmp_path / "results"
+    (data_dir / "scitldr").mkdir(parents=True)
+    (data_dir / "scitldr" / "test.jsonl").write_text("".join(
+        json.dumps({"id": f"t{i}", "document": "doc", "summary": r}) + "\n" for i, r in enumerate(REFS)))
+    write_cached(root, data_dir, "merge-tgt", 0, 40.0, REFS)
+    write_cached(root, data_dir, "merge-del-tgt", 0, 41.0, REFS, chosen=0.3, val={0.3: 25.0, 0.6: 24.0})
+    for seed, (score, pick) in enumerate([(36.0, 0.6), (39.0, 0.3)]):  # the pick's sparsity is the Del% itself
+        write_cached(root, data_dir, "abl-param-grad-zero", seed, score, REFS, chosen=pick,
+                     val={0.3: 20.0 + 5 * (pick == 0.3), 0.6: 20.0 + 5 * (pick == 0.6)})
+    write_cached(root, data_dir, "abl-module-input-init", 0, 30.0, REFS, chosen=0.5, val={0.2: 21.0, 0.5: 22.0, 1.0: 18.0})
+    path = root / "en" / "abl-module-input-init" / "seed0-run" / "results.json"
+    results = json.loads(path.read_text())  # an Init row: its reset share is at_init, not the zeros
+    results["runs"][0]["candidates"]["0.5"].update(sparsity={"TGT": 0.0, "dialogsum": 0.0},
+                                                   at_init={"TGT": 0.25, "dialogsum": 0.15})
+    lora_merge.write_json(path, results)
+    out.mkdir()
+    assert E.main(["report", "--root", str(root), "--out", str(out), "--shuffles", "200"]) == 0
+    t4 = (out / "README.md").read_text().split("## ja")[0].split("### Table 4")[1].split("###")[0]
+    assert cell(t4, E.rows("en")["merge-tgt"]["label"] + " (no pruning)")[1:] == ["40.00", "0", "-", "-", "-"]
+    assert cell(t4, "Input / Parameter / Zero (= Merge+Del +TGT)")[1:] == ["41.00", "0", "-", "30", "30.0"]
+    assert cell(t4, "Grad / Parameter / Zero")[1:] == ["37.50 ± 2.12", "0, 1", "-", "60, 30", "45.0"]
+    assert cell(t4, "Input / Module / Init")[1:] == ["30.00", "0", "0.5", "-", "20.0"]
+    for label in ("Input / Module / Zero", "Grad / Module / Zero", "Grad / Module / Init", "Input / Parameter / Init",
+                  "Grad / Parameter / Init"):
+        assert cell(t4, label)[1] == "not run"
+    assert (out / "fig4_en.png").stat().st_size > 1000
+
+
 def test_committed_results_are_the_report_of_the_committed_cache(tmp_path, monkeypatch):
     """results/README.md is exactly what `experiments.py report` makes of the committed cache
     results/runs: no number in it was typed or left stale after a run was added."""

@@ -145,6 +145,23 @@ def test_killed_training_resumes_to_the_same_weights(tiny, tmp_path):
         assert torch.equal(p, prune.matrices(other)[k]), k
 
 
+@pytest.mark.parametrize("reset", ["zero", "init"])
+def test_train_reports_the_share_at_the_reset_value(tiny, reset):
+    """train()'s sparsity counts exact zeros; with reset="init" it also reports at_init, the share
+    of entries back at their merge-start value: the pruned share, which zeros cannot show there."""
+    train_set = [{k: v[i].tolist() for k, v in token_batches(4, 5).items() if k != "attention_mask"} for i in range(4)]
+    cfg = LM.TrainConfig(lr=1e-2, batch_size=2, micro_batch=1, epochs=1, patience=10, ratio=0.3, reset=reset)
+    log = LM.train(tiny, train_set, train_set[:2], 0, cfg)
+    assert log["history"][1]["val_loss"] < log["history"][0]["val_loss"]  # the pruned epoch is the one kept
+    names = set(M.adapter_names(tiny))
+    shares = log["at_init"] if reset == "init" else log["sparsity"]
+    assert set(shares) == names and all(abs(v - 0.3) < 0.01 for v in shares.values()), shares
+    if reset == "init":
+        assert all(v < 0.05 for v in log["sparsity"].values())  # few entries are zero after an init reset
+    else:
+        assert "at_init" not in log
+
+
 @CUDA
 @pytest.mark.parametrize("variant", [{}, {"importance": "grad"}, {"reset": "init"}])
 def test_training_on_cuda_matches_cpu_and_its_checkpoint_resumes_on_cpu(tiny, tmp_path, variant):

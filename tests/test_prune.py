@@ -148,6 +148,10 @@ def test_init_restores_merge_start_values_at_pruned_positions_only(checkpoint):
         lowest = lowest.view_as(p)
         assert torch.equal(p[lowest], start[key][lowest]), key
         assert torch.equal(p[~lowest], trained[key][~lowest]), key
+    for name in ADAPTERS:  # what results.json reports as at_init: the share just reset, per adapter
+        sizes = [p.numel() for (_, n, _), p in P.matrices(model).items() if n == name]
+        assert P.sparsity(model, start)[name] == sum(round(0.4 * s) for s in sizes) / sum(sizes)
+        assert P.sparsity(model)[name] == 0  # no entry went to zero: the zero count misses an init reset
     with pytest.raises(ValueError, match="init"):
         P.prune_(model, scores, 0.4, reset="init")
 
