@@ -346,10 +346,11 @@ def chosen(runs: list[dict], scale: float = 1.0) -> str:
 
 def reset_share(runs: list[dict]) -> str:
     """Share of the adapters' entries at their reset value at the chosen candidate, mean over
-    adapters and seeds, %: exact zeros ("sparsity"), or merge-start values for reset="init"
-    ("at_init"; runs from before that field show their zeros)."""
+    adapters and seeds, %: exact zeros ("sparsity"), or for reset="init" merge-start values
+    ("at_init"; an Init run without it has no share to show, its zeros would read ~0)."""
     picks = [r["candidates"][f"{r['chosen']:g}"] for r in runs if "chosen" in r]
-    vals = [statistics.mean((c.get("at_init") or c["sparsity"]).values()) * 100 for c in picks if c.get("sparsity")]
+    shares = [c.get("at_init" if c.get("config", {}).get("reset") == "init" else "sparsity") for c in picks]
+    vals = [statistics.mean(s.values()) * 100 for s in shares if s]
     return f"{statistics.mean(vals):.1f}" if vals else "-"
 
 

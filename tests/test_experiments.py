@@ -344,7 +344,7 @@ def test_whole_del_grid_joins_the_budget_run_and_the_fig4_run(tmp_path):
     assert (out / "fig4_en.png").stat().st_size > 1000
 
 
-def test_table4_rows_show_scores_picks_and_zeros_from_the_cache(tmp_path):
+def test_table4_rows_show_scores_picks_and_reset_shares_from_the_cache(tmp_path):
     """Table 4 once an ablation row is cached: each row's test score over its seeds, the threshold
     (module unit) or Del% (parameter unit) its search picked per seed, and the share of its
     adapters at their reset value at the pick (zeros, or merge-start values for an Init row); rows
@@ -359,11 +359,16 @@ def test_table4_rows_show_scores_picks_and_zeros_from_the_cache(tmp_path):
         write_cached(root, data_dir, "abl-param-grad-zero", seed, score, REFS, chosen=pick,
                      val={0.3: 20.0 + 5 * (pick == 0.3), 0.6: 20.0 + 5 * (pick == 0.6)})
     write_cached(root, data_dir, "abl-module-input-init", 0, 30.0, REFS, chosen=0.5, val={0.2: 21.0, 0.5: 22.0, 1.0: 18.0})
-    path = root / "en" / "abl-module-input-init" / "seed0-run" / "results.json"
-    results = json.loads(path.read_text())  # an Init row: its reset share is at_init, not the zeros
-    results["runs"][0]["candidates"]["0.5"].update(sparsity={"TGT": 0.0, "dialogsum": 0.0},
-                                                   at_init={"TGT": 0.25, "dialogsum": 0.15})
-    lora_merge.write_json(path, results)
+    write_cached(root, data_dir, "abl-param-input-init", 0, 33.0, REFS, chosen=0.3, val={0.3: 23.0, 0.6: 22.0})
+    for row, pick, at_init in [("abl-module-input-init", "0.5", {"TGT": 0.25, "dialogsum": 0.15}),
+                               ("abl-param-input-init", "0.3", None)]:  # Init rows: the share is at_init, not zeros
+        path = root / "en" / row / "seed0-run" / "results.json"
+        results = json.loads(path.read_text())
+        cand = results["runs"][0]["candidates"][pick]
+        cand.update(config={"reset": "init"}, sparsity={"TGT": 0.0, "dialogsum": 0.0})
+        if at_init:
+            cand["at_init"] = at_init
+        lora_merge.write_json(path, results)
     out.mkdir()
     assert E.main(["report", "--root", str(root), "--out", str(out), "--shuffles", "200"]) == 0
     t4 = (out / "README.md").read_text().split("## ja")[0].split("### Table 4")[1].split("###")[0]
@@ -371,8 +376,8 @@ def test_table4_rows_show_scores_picks_and_zeros_from_the_cache(tmp_path):
     assert cell(t4, "Input / Parameter / Zero (= Merge+Del +TGT)")[1:] == ["41.00", "0", "-", "30", "30.0"]
     assert cell(t4, "Grad / Parameter / Zero")[1:] == ["37.50 ± 2.12", "0, 1", "-", "60, 30", "45.0"]
     assert cell(t4, "Input / Module / Init")[1:] == ["30.00", "0", "0.5", "-", "20.0"]
-    for label in ("Input / Module / Zero", "Grad / Module / Zero", "Grad / Module / Init", "Input / Parameter / Init",
-                  "Grad / Parameter / Init"):
+    assert cell(t4, "Input / Parameter / Init")[1:] == ["33.00", "0", "-", "30", "-"]  # no at_init: no share, not 0
+    for label in ("Input / Module / Zero", "Grad / Module / Zero", "Grad / Module / Init", "Grad / Parameter / Init"):
         assert cell(t4, label)[1] == "not run"
     assert (out / "fig4_en.png").stat().st_size > 1000
 
