@@ -381,22 +381,31 @@ def table2(setting: str, task, runs: dict, refs: dict | None, test) -> list[str]
     return lines
 
 
-def table4(setting: str, task, runs: dict) -> list[str]:
+def table4(setting: str, task, runs: dict, test) -> list[str]:
+    """Each configuration's score, pick and reset share, and two paired tests on the pooled seeds:
+    against Merge without pruning (does this pruning help?) and against the paper's configuration,
+    Input / Parameter / Zero (is this variant worse?). The cells are "difference (p)", † at p < 0.05."""
     lines = [f"| Importance / Unit / Reset | {task.metric} (mean ± std) | seeds | Thresh (per seed) | "
-             "Del% (per seed) | reset % |", "|---|---|---|---|---|---|"]
+             "Del% (per seed) | reset % | − no pruning (p) | − Input / Parameter / Zero (p) |",
+             "|---|---|---|---|---|---|---|---|"]
     order = ["merge-tgt", *[f"abl-module-{i}-{z}" for i in ("input", "grad") for z in ("zero", "init")],
              "merge-del-tgt", "abl-param-input-init", "abl-param-grad-zero", "abl-param-grad-init"]
     labels = {"merge-tgt": rows(setting)["merge-tgt"]["label"] + " (no pruning)",
               "merge-del-tgt": "Input / Parameter / Zero (= Merge+Del +TGT)"}
+
+    def against(rid: str, base: str) -> str:
+        result = test(rid, base) if rid != base and runs[base] else None
+        return "-" if result is None else f"{result['diff']:+.2f}{' †' * (result['p'] < 0.05)} (p {result['p']:.4f})"
+
     for rid in order:
         rs, label = runs[rid], labels.get(rid) or rows(setting)[rid]["label"]
         if not rs:
-            lines.append(f"| {label} | not run | | | | |")
+            lines.append(f"| {label} | not run | | | | | | |")
             continue
         module = rid.startswith("abl-module")
         lines.append(f"| {label} | {mean_std(scores_of(rs, task.metric))} | {', '.join(str(r['seed']) for r in rs)} | "
                      f"{chosen(rs) if module else '-'} | {'-' if module or rid == 'merge-tgt' else chosen(rs, 100)} | "
-                     f"{reset_share(rs)} |")
+                     f"{reset_share(rs)} | {against(rid, 'merge-tgt')} | {against(rid, 'merge-del-tgt')} |")
     return lines
 
 
@@ -666,7 +675,10 @@ def report(args) -> int:
                "Merge row with the same modules and training-set size, pooled over the seeds both have; p and † by "
                "the same test as above, here against Merge.", "", *pruning_table(setting, runs, test)]
         md += ["", "### Table 4 (ablation of Merge+Del, +TGT)", ""]
-        md += table4(setting, task, runs) if any(runs[r] for r in runs if r.startswith("abl-")) else ["not run"]
+        md += ([f"Each configuration's {task.metric} minus that of Merge without pruning, and minus that of the paper's "
+                 "configuration (Input / Parameter / Zero), pooled over the seeds both rows have; p and † by the same "
+                 "test as above.", "", *table4(setting, task, runs, test)]
+               if any(runs[r] for r in runs if r.startswith("abl-")) else ["not run"])
         md += ["", "### Figures", ""]
         run5 = figure5_run(runs)
         values5 = run5 and module_importances(run5, data_dir)  # read (or measured) once: plot and table

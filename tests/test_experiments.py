@@ -207,6 +207,7 @@ def test_real_zero_shot_run_end_to_end(tmp_path):
 
 
 REFS = [f"the model learns summaries of paper number {i}" for i in range(8)]
+WEAK = [f"a survey of unrelated topic {i}" for i in range(8)]
 
 
 def write_cached(root: Path, data_dir: Path, row: str, seed: int, score: float, preds: list[str], chosen=None,
@@ -239,7 +240,7 @@ def test_report_numbers_equal_the_cache(tmp_path):
     (data_dir / "scitldr").mkdir(parents=True)
     (data_dir / "scitldr" / "test.jsonl").write_text("".join(
         json.dumps({"id": f"t{i}", "document": "doc", "summary": r}) + "\n" for i, r in enumerate(REFS)))
-    weak = [f"a survey of unrelated topic {i}" for i in range(8)]
+    weak = WEAK
     scores = {"lora-tgt": [30.0, 31.5, 29.25], "merge": [40.0, 42.0, 41.0], "zero-shot": [10.0, 12.0, 17.0],
               "merge-del-tgt": [35.0, 36.0, 37.5], "lora-tgt-n5": [20.0, 21.0], "merge-n5": [22.0, 23.0],
               "merge-tgt": [38.0, 39.0]}
@@ -327,7 +328,7 @@ def test_whole_del_grid_joins_the_budget_run_and_the_fig4_run(tmp_path):
     (data_dir / "scitldr").mkdir(parents=True)
     (data_dir / "scitldr" / "test.jsonl").write_text("".join(
         json.dumps({"id": f"t{i}", "document": "doc", "summary": r}) + "\n" for i, r in enumerate(REFS)))
-    weak = [f"a survey of unrelated topic {i}" for i in range(8)]
+    weak = WEAK
     for seed in (0, 1, 2):
         write_cached(root, data_dir, "merge-del-tgt", seed, 30.0, weak, chosen=0.3, val={0.3: 25.0, 0.6: 24.0})
     # seed 0: 10% beats the budget's pick; seed 1: 10% ties with 30% and wins as the smaller Del%
@@ -347,7 +348,8 @@ def test_whole_del_grid_joins_the_budget_run_and_the_fig4_run(tmp_path):
 def test_table4_rows_show_scores_picks_and_reset_shares_from_the_cache(tmp_path):
     """Table 4 once an ablation row is cached: each row's test score over its seeds, the threshold
     (module unit) or Del% (parameter unit) its search picked per seed, and the share of its
-    adapters at their reset value at the pick (zeros, or merge-start values for an Init row); rows
+    adapters at their reset value at the pick (zeros, or merge-start values for an Init row), and its
+    paired test against Merge without pruning and against the paper's Input / Parameter / Zero; rows
     not cached say so, and Figure 4 draws the module thresholds."""
     data_dir, root, out = tmp_path / "data", tmp_path / "cache", tmp_path / "results"
     (data_dir / "scitldr").mkdir(parents=True)
@@ -356,7 +358,7 @@ def test_table4_rows_show_scores_picks_and_reset_shares_from_the_cache(tmp_path)
     write_cached(root, data_dir, "merge-tgt", 0, 40.0, REFS)
     write_cached(root, data_dir, "merge-del-tgt", 0, 41.0, REFS, chosen=0.3, val={0.3: 25.0, 0.6: 24.0})
     for seed, (score, pick) in enumerate([(36.0, 0.6), (39.0, 0.3)]):  # the pick's sparsity is the Del% itself
-        write_cached(root, data_dir, "abl-param-grad-zero", seed, score, REFS, chosen=pick,
+        write_cached(root, data_dir, "abl-param-grad-zero", seed, score, WEAK, chosen=pick,
                      val={0.3: 20.0 + 5 * (pick == 0.3), 0.6: 20.0 + 5 * (pick == 0.6)})
     write_cached(root, data_dir, "abl-module-input-init", 0, 30.0, REFS, chosen=0.5, val={0.2: 21.0, 0.5: 22.0, 1.0: 18.0})
     write_cached(root, data_dir, "abl-param-input-init", 0, 33.0, REFS, chosen=0.3, val={0.3: 23.0, 0.6: 22.0})
@@ -372,11 +374,17 @@ def test_table4_rows_show_scores_picks_and_reset_shares_from_the_cache(tmp_path)
     out.mkdir()
     assert E.main(["report", "--root", str(root), "--out", str(out), "--shuffles", "200"]) == 0
     t4 = (out / "README.md").read_text().split("## ja")[0].split("### Table 4")[1].split("###")[0]
-    assert cell(t4, E.rows("en")["merge-tgt"]["label"] + " (no pruning)")[1:] == ["40.00", "0", "-", "-", "-"]
-    assert cell(t4, "Input / Parameter / Zero (= Merge+Del +TGT)")[1:] == ["41.00", "0", "-", "30", "30.0"]
-    assert cell(t4, "Grad / Parameter / Zero")[1:] == ["37.50 ± 2.12", "0, 1", "-", "60, 30", "45.0"]
-    assert cell(t4, "Input / Module / Init")[1:] == ["30.00", "0", "0.5", "-", "20.0"]
-    assert cell(t4, "Input / Parameter / Init")[1:] == ["33.00", "0", "-", "30", "-"]  # no at_init: no share, not 0
+    same = "+0.00 (p 1.0000)"  # Merge, Merge+Del and the Input rows all wrote REFS
+    assert cell(t4, E.rows("en")["merge-tgt"]["label"] + " (no pruning)")[1:] == ["40.00", "0", "-", "-", "-", "-", same]
+    assert cell(t4, "Input / Parameter / Zero (= Merge+Del +TGT)")[1:] == ["41.00", "0", "-", "30", "30.0", same, "-"]
+    # Grad / Parameter / Zero wrote WEAK with both seeds; each test pairs the seeds it shares with
+    # the other row: seed 0 only, so 8 pairs, the same for both baselines (which wrote REFS)
+    ref = metrics.approx_randomization(data.get_task("scitldr"), WEAK, REFS, [[r] for r in REFS], shuffles=200)
+    worse = f"{ref['diff']:+.2f} † (p {ref['p']:.4f})"
+    assert ref["diff"] < -50 and ref["p"] < 0.05
+    assert cell(t4, "Grad / Parameter / Zero")[1:] == ["37.50 ± 2.12", "0, 1", "-", "60, 30", "45.0", worse, worse]
+    assert cell(t4, "Input / Module / Init")[1:] == ["30.00", "0", "0.5", "-", "20.0", same, same]
+    assert cell(t4, "Input / Parameter / Init")[1:] == ["33.00", "0", "-", "30", "-", same, same]  # no at_init: no share
     for label in ("Input / Module / Zero", "Grad / Module / Zero", "Grad / Module / Init", "Grad / Parameter / Init"):
         assert cell(t4, label)[1] == "not run"
     assert (out / "fig4_en.png").stat().st_size > 1000
