@@ -710,7 +710,7 @@ def report(args) -> int:
            args.command_line, "```", "",
            f"Runs cached: {len(all_runs)}; total wall time {wall / 3600:.2f} h ({wall:.0f} s; related-module "
            f"training {sum(m['wall_time_s'] for m in mods):.0f} s of it).", "", "Machine(s):", "",
-           *[f"- {m}: {len(rs)} runs, {sum(r['run'].get('wall_time_s', 0) for r in rs) / 3600:.2f} h"
+           *[f"- {m}: {len(rs)} run{'s' * (len(rs) != 1)}, {sum(r['run'].get('wall_time_s', 0) for r in rs) / 3600:.2f} h"
              + ("" if m == most else ": " + ", ".join(sorted(map(run_name, rs)))) for m, rs in sorted(machines.items())],
            "", "<details><summary>every lora_merge command</summary>", "",
            "```", *[portable(r["run"]["command"]) for r in all_runs if r["run"].get("command")], "```", "</details>", ""]
