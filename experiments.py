@@ -323,8 +323,9 @@ def pooled_test(task, a: dict, b: dict, refs: dict, shuffles: int) -> dict | Non
 
 def tester(task, runs: dict, refs: dict | None, shuffles: int):
     """test(a, b): pooled_test of cached row a against row b (row ids), or None without references.
-    Each pair is computed once per report (Table 2 and Figure 6's 50-example column share theirs),
-    and each row's predictions are read once (LoRA (TGT)'s are the baseline of every row)."""
+    Each pair is computed once per report, in either order (Table 2 and Figure 6's 50-example column share theirs;
+    Table 4 tests Merge against Merge+Del, which the pruning table tested the other way round), and each
+    row's predictions are read once (LoRA (TGT)'s are the baseline of every row)."""
     memo, preds = {}, {}
 
     def read(rid: str) -> dict:
@@ -334,9 +335,16 @@ def tester(task, runs: dict, refs: dict | None, shuffles: int):
 
     def test(a: str, b: str) -> dict | None:
         if refs is not None and (a, b) not in memo:
-            memo[a, b] = pooled_test(task, read(a), read(b), refs, shuffles)
+            flipped = memo.get((b, a))  # symmetric: the same p and shuffles, a and b swapped (diff = a - b anew)
+            memo[a, b] = pooled_test(task, read(a), read(b), refs, shuffles) if flipped is None else \
+                {**flipped, "a": flipped["b"], "b": flipped["a"], "diff": flipped["b"] - flipped["a"]}
         return memo.get((a, b))
     return test
+
+
+def difference(result: dict, seeds: str = "") -> str:
+    """A paired test as a table cell: A − B, † at p < 0.05, and p (after the seeds it pooled, if given)."""
+    return f"{result['diff']:+.2f}{' †' * (result['p'] < 0.05)} ({seeds + '; ' if seeds else ''}p {result['p']:.4f})"
 
 
 def chosen(runs: list[dict], scale: float = 1.0) -> str:
@@ -395,7 +403,7 @@ def table4(setting: str, task, runs: dict, test) -> list[str]:
 
     def against(rid: str, base: str) -> str:
         result = test(rid, base) if rid != base and runs[base] else None
-        return "-" if result is None else f"{result['diff']:+.2f}{' †' * (result['p'] < 0.05)} (p {result['p']:.4f})"
+        return "-" if result is None else difference(result)
 
     for rid in order:
         rs, label = runs[rid], labels.get(rid) or rows(setting)[rid]["label"]
@@ -620,8 +628,7 @@ def pruning_table(setting: str, runs: dict, test) -> list[str]:
         for n in N_TRAIN:
             a, b = sized(pruned, n), sized(merged, n)
             result, seeds = test(a, b), n_seeds(len({r["seed"] for r in runs[a]} & {r["seed"] for r in runs[b]}))
-            cells.append("not run" if result is None else
-                         f"{result['diff']:+.2f}{' †' * (result['p'] < 0.05)} ({seeds}; p {result['p']:.4f})")
+            cells.append("not run" if result is None else difference(result, seeds))
         lines.append(f"| {rows(setting)[pruned]['label']} − {rows(setting)[merged]['label']} | {' | '.join(cells)} |")
     return lines
 
