@@ -177,17 +177,20 @@ def share_tgt(setting_dir: Path, run_dir: Path, argv: list[str], seed: int) -> s
     return None
 
 
-def log_attempt(run_dir: Path, argv: list[str]) -> float:
-    """Record this attempt's start and flags in attempts.json; return the seconds spent by earlier,
-    killed attempts, each from its start to the last file written before the next began (its checkpoint)."""
+def log_attempt(run_dir: Path, argv: list[str], tgt_from: str | None) -> tuple[float, str | None]:
+    """Record this attempt's start, flags and copied TGT module in attempts.json. Return the seconds
+    spent by earlier, killed attempts, each from its start to the last file written before the next
+    began (its checkpoint), and where the run's TGT module came from: a resumed run finds the copy
+    an earlier attempt made already there, so only attempts.json still knows its source."""
     path = run_dir / "attempts.json"
     attempts = json.loads(path.read_text()) if path.is_file() else []
     if attempts:
         last = max((p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file() and p != path), default=0)
         attempts[-1]["ended"] = max(last, attempts[-1]["started"])
-    attempts.append({"started": time.time(), "argv": argv})
+    attempts.append({"started": time.time(), "argv": argv, "tgt_from": tgt_from})
     lora_merge.write_json(path, attempts)
-    return sum(a["ended"] - a["started"] for a in attempts[:-1])
+    return (sum(a["ended"] - a["started"] for a in attempts[:-1]),
+            next((a["tgt_from"] for a in attempts if a.get("tgt_from")), None))
 
 
 def substitute(flags: list[str], folders: dict[str, str]) -> list[str]:
@@ -244,8 +247,8 @@ def run(args, extra: list[str]) -> int:
             argv = argv_of(folders)
             print(f"[{args.setting}/{rid} seed {seed}] python lora_merge.py {shlex.join(argv)}", flush=True)
             (run_dir / f"seed{seed}").mkdir(parents=True, exist_ok=True)  # zero-shot writes there first
-            t0, earlier = time.time(), log_attempt(run_dir, argv)
-            tgt_from = share_tgt(setting_dir, run_dir, argv, seed)
+            t0 = time.time()
+            earlier, tgt_from = log_attempt(run_dir, argv, share_tgt(setting_dir, run_dir, argv, seed))
             try:
                 lora_merge.main(argv)
             except (Exception, SystemExit) as e:  # noqa: BLE001 - one broken row must not stop a piece of hours

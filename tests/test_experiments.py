@@ -112,6 +112,12 @@ def test_run_caches_each_seed_and_resumes(tmp_path, monkeypatch):
     run_json = json.loads((root / "en" / "zero-shot" / "seed1-run" / "run.json").read_text())
     assert run_json["earlier_attempts_s"] == attempts[0]["ended"] - attempts[0]["started"]
 
+    (root / "en" / "merge-del-tgt" / "seed1-run" / "results.json").unlink()  # killed after TGT was copied
+    calls.clear()
+    assert E.main(cmd) == 0 and len(calls) == 1 and calls[0]["tgt_present"]
+    run_json = json.loads((root / "en" / "merge-del-tgt" / "seed1-run" / "run.json").read_text())
+    assert run_json["tgt_from"] == str(root / "en" / "lora-tgt" / "seed1-run" / "seed1" / "modules" / "TGT")
+
 
 def test_ratios_flag_sets_the_del_grid_and_leaves_merge_at_zero(tmp_path, monkeypatch, capsys):
     fake_modules(tmp_path)
