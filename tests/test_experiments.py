@@ -3,6 +3,8 @@ import json
 import os
 import shlex
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -422,3 +424,17 @@ def test_reported_commands_name_folders_of_this_clone():
         assert folders and all(not a.startswith("/") and (repo / a / "adapter_config.json").is_file()
                                for a in folders), shown
         assert E.comparable(shown) == E.comparable(command.split())  # the same run, only the paths differ
+
+
+def test_machine_names_a_preloaded_malloc_and_only_then():
+    """run.json's machine names a malloc preloaded in place of glibc's, since it changes CPU wall
+    times; a process on glibc's malloc gets no key, so its runs group with the runs made before."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    shown = subprocess.run([sys.executable, "-c", "import json, experiments; print(json.dumps(experiments.machine()))"],
+                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, check=True)
+    machine = json.loads(shown.stdout)
+    assert machine["nproc"] == os.cpu_count() and "malloc" not in machine
+    # a jemalloc line as /proc/<pid>/maps shows it, added to a real map of this (glibc) process
+    own = Path("/proc/self/maps").read_text()
+    line = "7f888d009000-7f888d0af000 r-xp 00009000 fe:00 5595137  /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n"
+    assert E.preloaded_malloc(own) is None and E.preloaded_malloc(own + line) == "jemalloc"
