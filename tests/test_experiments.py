@@ -438,3 +438,15 @@ def test_machine_names_a_preloaded_malloc_and_only_then():
     own = Path("/proc/self/maps").read_text()
     line = "7f888d009000-7f888d0af000 r-xp 00009000 fe:00 5595137  /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n"
     assert E.preloaded_malloc(own) is None and E.preloaded_malloc(own + line) == "jemalloc"
+
+
+def test_machine_names_the_cpus_bf16_instructions():
+    """run.json's machine says whether the CPU has AMX, avx512_bf16 or neither for bf16 matmuls: the
+    model name alone ("Intel(R) Xeon(R) Processor") hid a 2.6x slower VM without AMX."""
+    info = Path("/proc/cpuinfo").read_text()
+    flags = next(line for line in info.splitlines() if line.startswith("flags"))
+    bare = " ".join(f for f in flags.split() if not (f.startswith("amx") or f == "avx512_bf16"))
+    assert E.bf16_isa(info.replace(flags, bare)) is None
+    assert E.bf16_isa(info.replace(flags, bare + " avx512_bf16")) == "avx512_bf16"
+    assert E.bf16_isa(info.replace(flags, bare + " avx512_bf16 amx_tile amx_bf16")) == "amx_bf16"
+    assert E.machine()["bf16_isa"] == E.bf16_isa(info)
