@@ -136,18 +136,8 @@ def preloaded_malloc(maps: str) -> str | None:
     return next((name for name in ("jemalloc", "tcmalloc", "mimalloc") if f"lib{name}" in maps), None)
 
 
-def bf16_isa(cpuinfo: str) -> str | None:
-    """The best instructions the CPU offers oneDNN for bf16 matmuls ("amx_bf16", "avx512_bf16", or
-    None), from /proc/cpuinfo text. Recorded because it sets CPU wall times and the model name does
-    not tell it: two 2-core VMs that both call themselves "Intel(R) Xeon(R) Processor" ran 200-example
-    SciTLDR Merge+Del at 215 s per 13-step epoch and at 43 s per step (~560 s an epoch), the second with
-    avx512_bf16 only (no AMX exposed), where a bf16 matmul ran at 181 GFLOP/s against 324 in float32."""
-    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
-    return next((isa for isa in ("amx_bf16", "avx512_bf16") if isa in flags), None)
-
-
 def machine() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    info = lora_merge.cpuinfo()
     cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                platform.processor())
     maps = Path("/proc/self/maps")
@@ -155,7 +145,7 @@ def machine() -> dict:
     import torch
     return {"host": platform.node(), "cpu": cpu, "nproc": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "bf16_isa": bf16_isa(info),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "bf16_isa": lora_merge.bf16_isa(info),
             # only when preloaded, so runs made with glibc's malloc keep the machine key they always had
             **({"malloc": malloc} if malloc else {})}
 
