@@ -145,7 +145,8 @@ def machine() -> dict:
     import torch
     return {"host": platform.node(), "cpu": cpu, "nproc": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "bf16_isa": lora_merge.bf16_isa(info),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "bf16_isa": lora_merge.bf16_isa(info),
             # only when preloaded, so runs made with glibc's malloc keep the machine key they always had
             **({"malloc": malloc} if malloc else {})}
 
