@@ -11,6 +11,10 @@ with the same command: finished runs are skipped and a half-finished one resumes
 per-epoch checkpoints. Each finished run also gets run.json: its exact command, wall time, machine.
 A run cached or started with other flags (another budget) is not rerun or resumed but reported as
 a failure, so one table never mixes budgets silently: give each budget its own --root.
+A grid search too long for one sitting (a Table 4 module row: 6 thresholds, ~2.5 h on a fast CPU)
+runs with --per-candidate as one cached run per candidate, <row>/seed<k>-<flag><value> (e.g.
+seed0-threshold0.1), each scored on validation; once all are cached they are joined into
+seed<k>-run as the one-process search would have written it (join_pieces).
 
 Choices:
 - Related modules are trained once per setting by lora_merge's stage 1 (seed 0, all settings'
@@ -155,11 +159,13 @@ def machine() -> dict:
 # run
 
 
-def ensure_modules(setting: str, root: Path, extra: list[str], command_line: str) -> dict[str, str]:
-    """abbreviation -> folder of each related module, training the missing ones (stage 1) once."""
+def ensure_modules(setting: str, root: Path, flags: list[str], command_line: str) -> dict[str, str]:
+    """abbreviation -> folder of each related module, training the missing ones (stage 1) once.
+    flags: a row's lora_merge flags (its pruning flags too, so that a --threshold after -- parses
+    with the row's --unit module); the modules are the merge's, whatever the row's method."""
     rel = SETTINGS[setting]["related"]
-    la, _ = lora_merge.parse_args(["--task", SETTINGS[setting]["task"], "--out", str(root), *extra,
-                                   "--related", *rel.values()])
+    la, _ = lora_merge.parse_args(["--task", SETTINGS[setting]["task"], "--out", str(root), *flags,
+                                   "--method", "merge", "--related", *rel.values()])
     folders = {a: lora_merge.module_folder(t, la) for a, t in rel.items()}
     if not all((f / "adapter_config.json").is_file() for f in folders.values()):
         import model as M
@@ -170,6 +176,14 @@ def ensure_modules(setting: str, root: Path, extra: list[str], command_line: str
             "command": command_line, "tasks": list(rel.values()),
             "wall_time_s": time.time() - t0, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine()})
     return {a: str(f) for a, f in folders.items()}
+
+
+def copy_folder(src: Path, dst: Path):
+    """src copied to dst whole or not at all (a killed copy leaves only a temporary folder)."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    os.replace(tmp, dst)
 
 
 def share_tgt(setting_dir: Path, run_dir: Path, argv: list[str], seed: int) -> str | None:
@@ -183,10 +197,7 @@ def share_tgt(setting_dir: Path, run_dir: Path, argv: list[str], seed: int) -> s
         src = res.parent / f"seed{seed}" / "modules" / "TGT"
         if (src / "adapter_config.json").is_file() and all(
                 json.loads(res.read_text())["args"].get(k) == v for k, v in want.items()):
-            tmp = dst.with_name(f".TGT.tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp)
-            os.replace(tmp, dst)
+            copy_folder(src, dst)
             return str(src)
     return None
 
@@ -236,45 +247,129 @@ def portable(command: str) -> str:
                        for a in shlex.split(command)])
 
 
+def run_unit(args, rid: str, seed: int, run_dir: Path, argv_of, label: str) -> str | None:
+    """One lora_merge call into run_dir, unless it is cached there. argv_of(folders): its flags, given
+    the related modules' folders (or names). Returns why it failed, or None."""
+    name = f"[{args.setting}/{label} seed {seed}]"
+    done, before = (run_dir / "results.json").is_file(), recorded_argv(run_dir)
+    if before is not None and comparable(before) != comparable(argv_of(SETTINGS[args.setting]["related"])):
+        print(f"{name} {'cached' if done else 'started'} with other flags, not {'rerun' if done else 'resumed'} "
+              f"(a budget of its own wants its own --root): {shlex.join(before)}; delete {run_dir} to make it anew",
+              flush=True)
+        return "other flags"
+    if done:
+        print(f"{name} cached: {run_dir}", flush=True)
+        return None
+    argv = argv_of(related_folders(args, rid))
+    print(f"{name} python lora_merge.py {shlex.join(argv)}", flush=True)
+    (run_dir / f"seed{seed}").mkdir(parents=True, exist_ok=True)  # zero-shot writes there first
+    t0 = time.time()
+    earlier, tgt_from = log_attempt(run_dir, argv, share_tgt(Path(args.root) / args.setting, run_dir, argv, seed))
+    try:
+        lora_merge.main(argv)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - one broken row must not stop a piece of hours
+        print(f"{name} FAILED: {e!r}", flush=True)
+        return "failed"
+    lora_merge.write_json(run_dir / "run.json", {
+        "setting": args.setting, "row": rid, "seed": seed, "argv": argv,
+        "command": shlex.join(["python", "lora_merge.py", *argv]),
+        "runner_command": args.command_line, "tgt_from": tgt_from,
+        "wall_time_s": time.time() - t0 + earlier, "earlier_attempts_s": earlier,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine()})
+    return None
+
+
+def common_flags(args) -> list[str]:
+    """The runner's flags that every lora_merge call gets."""
+    return [*(["--data-dir", args.data_dir] if args.data_dir else []),
+            *(["--max-test", str(args.max_test)] if args.max_test else [])]
+
+
+def related_folders(args, rid: str) -> dict[str, str]:
+    """The related modules' folders for a row that names them (trained first if missing), else {}."""
+    if not any(f.startswith("@") for f in rows(args.setting, args.ratios)[rid]["flags"]):
+        return {}
+    flags = substitute(rows(args.setting, args.ratios)[rid]["flags"], SETTINGS[args.setting]["related"])
+    return ensure_modules(args.setting, Path(args.root), [*flags, *common_flags(args), *args.extra], args.command_line)
+
+
+def candidate_pieces(argv: list[str], run_dir: Path) -> list[tuple[Path, list[str]]]:
+    """--per-candidate: (piece folder, the flags that make it one candidate) for each candidate of the
+    grid that argv searches; [] where there is no grid (one candidate) to split."""
+    la, _ = lora_merge.parse_args(argv)
+    flag, values = ("--threshold", la.threshold) if la.unit == "module" else ("--ratio", la.ratio)
+    if la.method != "merge" or len(values) < 2:
+        return []
+    seed = run_dir.name.removesuffix("-run")
+    return [(run_dir.with_name(f"{seed}-{flag[2:]}{v:g}"), [flag, f"{v:g}", "--val-scores"]) for v in values]
+
+
+def join_pieces(args, rid: str, seed: int, run_dir: Path, pieces: list[Path], argv: list[str]):
+    """Write into run_dir what lora_merge's one-process grid search over the pieces' candidates writes:
+    every candidate's log, the pick (best validation score, the smaller value on a tie: pieces come
+    in ascending order and max keeps the first) and its test predictions and scores. Each candidate
+    starts from the same merge with the same seeds in either case, so the two agree (a test checks
+    it on the embedded model). run.json adds each piece's command, wall time and machine."""
+    parts = [json.loads((p / "results.json").read_text()) for p in pieces]
+    infos = [json.loads((p / "run.json").read_text()) for p in pieces]
+    metric, runs = data.get_task(parts[0]["task"]).metric, [s["runs"][0] for s in parts]
+    best = max(range(len(runs)), key=lambda i: runs[i]["candidates"][f"{runs[i]['chosen']:g}"]["val_scores"][metric])
+    seed_dir, held = run_dir / f"seed{seed}", pieces[best] / f"seed{seed}"
+    joined = {**runs[best], "candidates": {v: c for r in runs for v, c in r["candidates"].items()},
+              "wall_time_s": sum(r["wall_time_s"] for r in runs)}
+    if (held / "modules" / "TGT").is_dir():  # kept beside the run, as every +TGT run keeps its own
+        if not (seed_dir / "modules" / "TGT" / "adapter_config.json").is_file():
+            (seed_dir / "modules").mkdir(parents=True, exist_ok=True)
+            copy_folder(held / "modules" / "TGT", seed_dir / "modules" / "TGT")
+        joined["modules"] = {**joined["modules"], "TGT": str(seed_dir / "modules" / "TGT")}
+    predictions = (held / "predictions.jsonl").read_bytes()
+    data.atomic_write(seed_dir / "predictions.jsonl", lambda f: f.write(predictions))
+    lora_merge.write_json(seed_dir / "result.json", joined)
+    grid_key = "threshold" if parts[best]["args"]["unit"] == "module" else "ratio"
+    machines = {json.dumps({k: v for k, v in i["machine"].items() if k != "host"}, sort_keys=True) for i in infos}
+    lora_merge.write_json(run_dir / "run.json", {
+        "setting": args.setting, "row": rid, "seed": seed, "argv": argv,
+        "command": shlex.join(["python", "lora_merge.py", *argv]), "runner_command": args.command_line,
+        "tgt_from": infos[best]["tgt_from"], "wall_time_s": sum(i["wall_time_s"] for i in infos),
+        "earlier_attempts_s": sum(i["earlier_attempts_s"] for i in infos),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": infos[best]["machine"] if len(machines) == 1 else {"cpu": "several: see pieces"},
+        "pieces": [{"dir": p.name, **{k: i[k] for k in ("command", "runner_command", "wall_time_s", "finished",
+                                                         "machine")}} for p, i in zip(pieces, infos)]})
+    lora_merge.write_json(run_dir / "results.json", {
+        "task": parts[0]["task"], "args": {**parts[best]["args"], grid_key: [r["chosen"] for r in runs],
+                                           "out": str(run_dir)},
+        "seeds": [seed], "summary": lora_merge.summarize([joined], metric), "runs": [joined],
+        "wall_time_s": sum(s["wall_time_s"] for s in parts)})
+    print(f"[{args.setting}/{rid} seed {seed}] joined {len(pieces)} pieces into {run_dir}: chose "
+          f"{runs[best]['chosen']:g}", flush=True)
+
+
 def run(args, extra: list[str]) -> int:
     setting_dir, table, failed = Path(args.root) / args.setting, rows(args.setting, args.ratios), []
-    common = [*(["--data-dir", args.data_dir] if args.data_dir else []),
-              *(["--max-test", str(args.max_test)] if args.max_test else [])]
+    args.extra, common = extra, common_flags(args)
     for rid in select(args.setting, args.rows, args.ratios):
         for seed in args.seeds:
             run_dir = setting_dir / rid / f"seed{seed}-run"
-            argv_of = lambda folders: ["--task", SETTINGS[args.setting]["task"], *substitute(table[rid]["flags"], folders),
-                                       "--seeds", str(seed), "--out", str(run_dir), *common, *extra]
-            done, before = (run_dir / "results.json").is_file(), recorded_argv(run_dir)
-            if before is not None and comparable(before) != comparable(argv_of(SETTINGS[args.setting]["related"])):
-                print(f"[{args.setting}/{rid} seed {seed}] {'cached' if done else 'started'} with other flags, not "
-                      f"{'rerun' if done else 'resumed'} (a budget of its own wants its own --root): "
-                      f"{shlex.join(before)}; delete {run_dir} to make it anew", flush=True)
-                failed.append(f"{rid} seed {seed} (other flags)")
-                continue
-            if done:
-                print(f"[{args.setting}/{rid} seed {seed}] cached: {run_dir}", flush=True)
-                continue
-            folders = {}
-            if any(f.startswith("@") for f in table[rid]["flags"]):
-                folders = ensure_modules(args.setting, Path(args.root), common + extra, args.command_line)
-            argv = argv_of(folders)
-            print(f"[{args.setting}/{rid} seed {seed}] python lora_merge.py {shlex.join(argv)}", flush=True)
-            (run_dir / f"seed{seed}").mkdir(parents=True, exist_ok=True)  # zero-shot writes there first
-            t0 = time.time()
-            earlier, tgt_from = log_attempt(run_dir, argv, share_tgt(setting_dir, run_dir, argv, seed))
-            try:
-                lora_merge.main(argv)
-            except (Exception, SystemExit) as e:  # noqa: BLE001 - one broken row must not stop a piece of hours
-                print(f"[{args.setting}/{rid} seed {seed}] FAILED: {e!r}", flush=True)
-                failed.append(f"{rid} seed {seed}")
-                continue
-            lora_merge.write_json(run_dir / "run.json", {
-                "setting": args.setting, "row": rid, "seed": seed, "argv": argv,
-                "command": shlex.join(["python", "lora_merge.py", *argv]),
-                "runner_command": args.command_line, "tgt_from": tgt_from,
-                "wall_time_s": time.time() - t0 + earlier, "earlier_attempts_s": earlier,
-                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine()})
+
+            def argv_of(folders, out=run_dir, more=()):
+                return ["--task", SETTINGS[args.setting]["task"], *substitute(table[rid]["flags"], folders),
+                        "--seeds", str(seed), "--out", str(out), *common, *extra, *more]
+            pieces = []
+            if args.per_candidate and not (run_dir / "results.json").is_file():
+                try:
+                    pieces = candidate_pieces(argv_of(SETTINGS[args.setting]["related"]), run_dir)
+                except SystemExit as e:  # a bad flag after --: this row fails, the others still run
+                    print(f"[{args.setting}/{rid} seed {seed}] FAILED: {e!r}", flush=True)
+                    failed.append(f"{rid} seed {seed}")
+                    continue
+            units = [(d, lambda folders, d=d, m=m: argv_of(folders, d, m), f"{rid} {m[0][2:]} {m[1]}")
+                     for d, m in pieces] or [(run_dir, argv_of, rid)]
+            for unit_dir, unit_argv, label in units:
+                if (why := run_unit(args, rid, seed, unit_dir, unit_argv, label)) is not None:
+                    failed.append(f"{label} seed {seed}" + (f" ({why})" if why != "failed" else ""))
+            if pieces and all((d / "results.json").is_file() for d, _ in pieces):
+                join_pieces(args, rid, seed, run_dir, [d for d, _ in pieces], argv_of(related_folders(args, rid)))
     if failed:
         print(f"failed ({len(failed)}): {', '.join(failed)}", flush=True)
     return 1 if failed else 0
@@ -303,8 +398,11 @@ def list_rows(args) -> int:
             seeds = [r["seed"] for r in cached(Path(args.root), setting, rid)]
             partial = [p.name for p in sorted((Path(args.root) / setting / rid).glob("seed*-run"))
                        if not (p / "results.json").is_file()]
+            pieces = [p.name + ("" if (p / "results.json").is_file() else " (unfinished)")
+                      for p in sorted((Path(args.root) / setting / rid).glob("seed*-*")) if not p.name.endswith("-run")]
             print(f"{setting}  {rid:24} {row['label']:{width}} {','.join(row['groups']):{gwidth}} "
-                  f"cached seeds: {seeds or '-'}" + (f"  unfinished: {partial}" if partial else ""))
+                  f"cached seeds: {seeds or '-'}" + (f"  unfinished: {partial}" if partial else "")
+                  + (f"  pieces: {pieces}" if pieces else ""))
     return 0
 
 
@@ -719,8 +817,9 @@ def report(args) -> int:
                 md += [f"Figure 6's numbers ({task.metric}, mean ± std over seeds; p and † against LoRA (TGT) with as "
                        "many training examples):", "", *table6(setting, task, runs, test), ""]
     mods = [json.loads(p.read_text()) for p in modules]
-    commands = list(dict.fromkeys(r["run"]["runner_command"] for r in sorted(
-        all_runs, key=lambda r: r["run"].get("finished", "")) if r["run"].get("runner_command")))
+    # what ran: a run joined from --per-candidate pieces (join_pieces) ran as its pieces' commands
+    ran = sorted((u for r in all_runs for u in r["run"].get("pieces", [r["run"]])), key=lambda u: u.get("finished", ""))
+    commands = list(dict.fromkeys(u["runner_command"] for u in ran if u.get("runner_command")))
     machines = {}  # machine (without host name) -> the runs made on it, so GPU and CPU seeds can be told apart
     for r in all_runs + [{"run": m} for m in mods]:
         if r["run"].get("machine"):
@@ -737,7 +836,8 @@ def report(args) -> int:
            *[f"- {m}: {len(rs)} run{'s' * (len(rs) != 1)}, {sum(r['run'].get('wall_time_s', 0) for r in rs) / 3600:.2f} h"
              + ("" if m == most else ": " + ", ".join(sorted(map(run_name, rs)))) for m, rs in sorted(machines.items())],
            "", "<details><summary>every lora_merge command</summary>", "",
-           "```", *[portable(r["run"]["command"]) for r in all_runs if r["run"].get("command")], "```", "</details>", ""]
+           "```", *[portable(u["command"]) for r in all_runs for u in r["run"].get("pieces", [r["run"]])
+                    if u.get("command")], "```", "</details>", ""]
     data.atomic_write(out / "README.md", lambda f: f.write("\n".join(md).encode()))
     print(f"wrote {out / 'README.md'}")
     return 0
@@ -761,6 +861,9 @@ def main(argv=None) -> int:
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--max-test", type=int, default=None, help="score only the first N test examples")
     r.add_argument("--data-dir", default=None, help="passed to lora_merge (default: $LORA_MERGE_DATA, else ./data)")
+    r.add_argument("--per-candidate", action="store_true", help="run each candidate of a grid row (Del%% or "
+                   "module threshold) as a cached run of its own, and join them once all are cached: a grid "
+                   "too long for one sitting then runs in pieces")
     r.add_argument("--ratios", nargs="+", default=RATIOS, help="Del%% grid of the Merge+Del and parameter-unit "
                    "ablation rows, as lora_merge's --ratio takes it (default: the paper's 0.1:0.6:0.1); a flag "
                    "after -- cannot do this, as it would also turn the Merge rows' ratio 0 into a grid")

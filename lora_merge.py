@@ -411,9 +411,12 @@ def validation_scores(model, tok, task, val_ex, args, run_dir: Path, value: floa
 
 def merge_search(model, tok, task, modules, train_ex, val_ex, out: Path, args, seed: int) -> dict:
     """Stage 2 for each candidate Del% (or module threshold); with several candidates, each is
-    scored on the validation set by the task metric and the best one is kept (grid search)."""
+    scored on the validation set by the task metric and the best one is kept (grid search).
+    --val-scores scores a lone candidate too, so that runs of one candidate each can be joined
+    into one grid search afterwards (experiments.py run --per-candidate)."""
     train_enc, val_enc = (encode_examples(tok, task, exs, args.max_source_tokens) for exs in (train_ex, val_ex))
     candidates = args.threshold if args.unit == "module" else args.ratio
+    scored = len(candidates) > 1 or args.val_scores
     runs = {}
     for value in candidates:
         load_modules(model, modules)
@@ -422,7 +425,7 @@ def merge_search(model, tok, task, modules, train_ex, val_ex, out: Path, args, s
                           reset=args.reset, **({"threshold": value} if args.unit == "module" else {"ratio": value}))
         run_dir = out / f"{args.unit}-{value:g}"
         log = train(model, train_enc, val_enc, tok.pad_id, cfg, run_dir / "ckpt.pt", desc=f"merge {value:g} seed {seed}")
-        if len(candidates) > 1:
+        if scored:
             log["val_scores"] = validation_scores(model, tok, task, val_ex, args, run_dir, value,
                                                   {"setup": run_setup(cfg, M.adapter_names(model), train_enc, val_enc),
                                                    "best_val_loss": log["best_val_loss"]})
@@ -482,6 +485,9 @@ def parse_args(argv=None):
                    help="parameter: lowest s%% per matrix (paper); module: reset whole modules below --threshold")
     p.add_argument("--threshold", nargs="+", default=None,
                    help="--unit module: mean-importance threshold(s); several values are a grid search (default 0.005)")
+    p.add_argument("--val-scores", action="store_true",
+                   help="score the candidate on the validation set even when it is the only one (grid search "
+                        "in pieces: experiments.py run --per-candidate joins such runs)")
     p.add_argument("--reset", default="zero", choices=["zero", "init"], help="pruned values: zero, or merge-start value")
     p.add_argument("--model", default=None, help="HF Llama folder or Hub id (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
@@ -515,6 +521,8 @@ def parse_args(argv=None):
     # differently pruned run, so it is an error rather than a no-op.
     if args.ratio is not None and (args.method != "merge" or args.unit != "parameter"):
         p.error(f"--ratio applies to --method merge with --unit parameter (got --method {args.method}, --unit {args.unit})")
+    if args.val_scores and args.method != "merge":
+        p.error(f"--val-scores applies to --method merge (got --method {args.method})")
     if args.threshold is not None and (args.method != "merge" or args.unit != "module"):
         p.error(f"--threshold applies to --method merge with --unit module (got --method {args.method}, --unit {args.unit})")
     args.ratio = parse_values(args.ratio or ["0.3"], "--ratio", 0.0, 1.0)

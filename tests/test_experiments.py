@@ -177,6 +177,86 @@ def test_failed_run_is_reported_and_not_cached(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "ja" / "zero-shot" / "seed0-run" / "results.json").is_file()
 
 
+def piece_main(calls, val: dict[float, float], broken: float | None = None):
+    """Stands in for lora_merge.main on one-candidate module-unit runs: validation BLEU val[threshold],
+    test BLEU 10 x threshold, a prediction naming the threshold; the candidate `broken` raises."""
+    def main(argv):
+        args, task = lora_merge.parse_args(argv)
+        (v,), seed = args.threshold, args.seeds[0]
+        calls.append({"threshold": v, "val_scores": args.val_scores})
+        if v == broken:
+            raise RuntimeError("killed")
+        out = Path(args.out) / f"seed{seed}"
+        tgt = out / "modules" / "TGT"
+        tgt.mkdir(parents=True, exist_ok=True)
+        (tgt / "adapter_config.json").write_text(json.dumps({"trained_by": args.out}))
+        metrics.write_predictions(out / "predictions.jsonl", ["t0"], [f"threshold {v:g}"])
+        result = {"seed": seed, "method": "merge", "modules": {"TGT": str(tgt)}, "chosen": v,
+                  "candidates": {f"{v:g}": {"val_scores": {"bleu": val[v]}, "epochs_run": 2}},
+                  "test": {"bleu": 10 * v, "rougeL": 1.0}, "wall_time_s": 2.0}
+        lora_merge.write_json(out / "result.json", result)
+        lora_merge.write_json(Path(args.out) / "results.json", {"task": task.name, "args": vars(args), "seeds": [seed],
+                                                                "runs": [result], "wall_time_s": 3.0})
+    return main
+
+
+def test_per_candidate_runs_each_candidate_and_joins_them(tmp_path, monkeypatch, capsys):
+    """--per-candidate: each threshold of a module row is a cached run of its own (scored on
+    validation), a failed one is retried by the next piece, and once all are cached they are joined
+    into the row's run: the best validation score (the smaller threshold on a tie), its test score
+    and predictions, every candidate's log, the pieces' commands and times."""
+    fake_modules(tmp_path)
+    calls = []
+    cmd = ["run", "--setting", "ja", "--rows", "abl-module-input-zero", "--seeds", "0", "--root", str(tmp_path),
+           "--per-candidate", "--", "--threshold", "0.1", "0.2", "0.3"]
+    monkeypatch.setattr(lora_merge, "main", piece_main(calls, {0.1: 5.0, 0.2: 7.0, 0.3: 7.0}, broken=0.2))
+    assert E.main(cmd) == 1
+    assert calls == [{"threshold": v, "val_scores": True} for v in (0.1, 0.2, 0.3)]
+    row = tmp_path / "ja" / "abl-module-input-zero"
+    assert not (row / "seed0-run").exists() and E.cached(tmp_path, "ja", "abl-module-input-zero") == []
+    assert "abl-module-input-zero threshold 0.2 seed 0" in capsys.readouterr().out.splitlines()[-1]
+    assert E.main(["list", "--root", str(tmp_path)]) == 0
+    assert "pieces: ['seed0-threshold0.1', 'seed0-threshold0.2 (unfinished)', 'seed0-threshold0.3']" in capsys.readouterr().out
+
+    calls.clear()
+    monkeypatch.setattr(lora_merge, "main", piece_main(calls, {0.1: 5.0, 0.2: 7.0, 0.3: 7.0}))
+    assert E.main(cmd) == 0 and calls == [{"threshold": 0.2, "val_scores": True}]  # only the missing one
+    (run,) = E.cached(tmp_path, "ja", "abl-module-input-zero")
+    assert run["chosen"] == 0.2 and run["test"]["bleu"] == 2.0 and run["wall_time_s"] == 6.0
+    assert {v: c["val_scores"]["bleu"] for v, c in run["candidates"].items()} == {"0.1": 5.0, "0.2": 7.0, "0.3": 7.0}
+    assert E.predictions([run]) == {(0, "t0"): "threshold 0.2"} and run["args"]["threshold"] == [0.1, 0.2, 0.3]
+    assert (row / "seed0-run" / "seed0" / "modules" / "TGT" / "adapter_config.json").is_file()
+    assert run["modules"]["TGT"] == str(row / "seed0-run" / "seed0" / "modules" / "TGT")
+    info = run["run"]
+    assert [p["dir"] for p in info["pieces"]] == ["seed0-threshold0.1", "seed0-threshold0.2", "seed0-threshold0.3"]
+    assert info["wall_time_s"] == sum(p["wall_time_s"] for p in info["pieces"])
+    assert all(p["command"].endswith(f"--threshold {v} --val-scores") for p, v in zip(info["pieces"], (0.1, 0.2, 0.3)))
+    # the joined run is the row's cached run: another piece, with or without --per-candidate, runs nothing
+    calls.clear()
+    assert E.main(cmd) == 0 and E.main([c for c in cmd if c != "--per-candidate"]) == 0 and calls == []
+
+
+@pytest.mark.skipif(not (DATA / "scitldr").is_dir(), reason="needs the real data")
+def test_per_candidate_pieces_equal_the_one_process_grid_search(tmp_path):
+    """The premise of --per-candidate, on the embedded model: two Del% run as two pieces and joined
+    give what one lora_merge grid search over both gives (pick, every candidate's validation loss
+    and scores, test scores and predictions)."""
+    dtype = "bfloat16" if lora_merge.bf16_isa(lora_merge.cpuinfo()) else "float32"  # bf16 crawls on AVX2 only
+    tiny = ["--n-train", "4", "--n-val", "1", "--epochs", "1", "--batch-size", "2", "--micro-batch", "2",
+            "--max-source-tokens", "48", "--dtype", dtype]
+    cmd = ["run", "--setting", "en", "--rows", "merge-del", "--seeds", "0", "--ratios", "0.2", "0.5",
+           "--max-test", "1", "--data-dir", str(DATA)]
+    assert E.main([*cmd, "--root", str(tmp_path / "whole"), "--", *tiny]) == 0
+    assert E.main([*cmd, "--root", str(tmp_path / "pieces"), "--per-candidate", "--", *tiny]) == 0
+    (whole,), (joined,) = (E.cached(tmp_path / r, "en", "merge-del") for r in ("whole", "pieces"))
+    assert len(joined["run"]["pieces"]) == 2 and "pieces" not in whole["run"]
+    assert joined["chosen"] == whole["chosen"] and joined["test"] == whole["test"]
+    for v in ("0.2", "0.5"):
+        a, b = whole["candidates"][v], joined["candidates"][v]
+        assert a["val_scores"] == b["val_scores"] and a["history"] == b["history"] and a["sparsity"] == b["sparsity"]
+    assert E.predictions([whole]) == E.predictions([joined])
+
+
 def test_committed_tgt_modules_pass_the_reuse_check(monkeypatch):
     """A later piece copies the committed TGT modules into its +TGT runs: each must pass
     lora_merge's check against the flags of the run that trained it (else no piece could reuse it)."""

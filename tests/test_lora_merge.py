@@ -312,6 +312,7 @@ def test_cli_killed_run_resumes(tmp_path, related_module):
     (["--method", "lora", "--related", "dialogsum", "--ratio", "0.3"], "--ratio applies to --method merge"),
     (["--unit", "module", "--ratio", "0.3"], "--ratio applies to --method merge with --unit parameter"),
     (["--threshold", "0.01"], "--threshold applies to --method merge with --unit module"),
+    (["--method", "zero-shot", "--val-scores"], "--val-scores applies to --method merge"),
     (["--lr", "0"], "need --lr > 0"),
     (["--dropout", "1"], "0 <= --dropout < 1"),
     (["--device", "gpu0"], "--device 'gpu0' is not a device name"),
