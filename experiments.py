@@ -287,9 +287,10 @@ def common_flags(args) -> list[str]:
 
 def related_folders(args, rid: str) -> dict[str, str]:
     """The related modules' folders for a row that names them (trained first if missing), else {}."""
-    if not any(f.startswith("@") for f in rows(args.setting, args.ratios)[rid]["flags"]):
+    row_flags = rows(args.setting, args.ratios)[rid]["flags"]
+    if not any(f.startswith("@") for f in row_flags):
         return {}
-    flags = substitute(rows(args.setting, args.ratios)[rid]["flags"], SETTINGS[args.setting]["related"])
+    flags = substitute(row_flags, SETTINGS[args.setting]["related"])
     return ensure_modules(args.setting, Path(args.root), [*flags, *common_flags(args), *args.extra], args.command_line)
 
 
