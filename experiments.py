@@ -247,6 +247,15 @@ def portable(command: str) -> str:
                        for a in shlex.split(command)])
 
 
+def run_record(args, rid: str, seed: int, argv: list[str], tgt_from: str | None, wall_time_s: float,
+               earlier_attempts_s: float, machine_info: dict, **more) -> dict:
+    """run.json: what made a finished run and on what, the same keys first for one run and a joined one."""
+    return {"setting": args.setting, "row": rid, "seed": seed, "argv": argv,
+            "command": shlex.join(["python", "lora_merge.py", *argv]), "runner_command": args.command_line,
+            "tgt_from": tgt_from, "wall_time_s": wall_time_s, "earlier_attempts_s": earlier_attempts_s,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info, **more}
+
+
 def run_unit(args, rid: str, seed: int, run_dir: Path, argv_of, label: str) -> str | None:
     """One lora_merge call into run_dir, unless it is cached there. argv_of(folders): its flags, given
     the related modules' folders (or names). Returns why it failed, or None."""
@@ -270,12 +279,8 @@ def run_unit(args, rid: str, seed: int, run_dir: Path, argv_of, label: str) -> s
     except (Exception, SystemExit) as e:  # noqa: BLE001 - one broken row must not stop a piece of hours
         print(f"{name} FAILED: {e!r}", flush=True)
         return "failed"
-    lora_merge.write_json(run_dir / "run.json", {
-        "setting": args.setting, "row": rid, "seed": seed, "argv": argv,
-        "command": shlex.join(["python", "lora_merge.py", *argv]),
-        "runner_command": args.command_line, "tgt_from": tgt_from,
-        "wall_time_s": time.time() - t0 + earlier, "earlier_attempts_s": earlier,
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine()})
+    lora_merge.write_json(run_dir / "run.json",
+                          run_record(args, rid, seed, argv, tgt_from, time.time() - t0 + earlier, earlier, machine()))
     return None
 
 
@@ -328,15 +333,12 @@ def join_pieces(args, rid: str, seed: int, run_dir: Path, pieces: list[Path], ar
     lora_merge.write_json(seed_dir / "result.json", joined)
     grid_key = "threshold" if parts[best]["args"]["unit"] == "module" else "ratio"
     machines = {json.dumps({k: v for k, v in i["machine"].items() if k != "host"}, sort_keys=True) for i in infos}
-    lora_merge.write_json(run_dir / "run.json", {
-        "setting": args.setting, "row": rid, "seed": seed, "argv": argv,
-        "command": shlex.join(["python", "lora_merge.py", *argv]), "runner_command": args.command_line,
-        "tgt_from": infos[best]["tgt_from"], "wall_time_s": sum(i["wall_time_s"] for i in infos),
-        "earlier_attempts_s": sum(i["earlier_attempts_s"] for i in infos),
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": infos[best]["machine"] if len(machines) == 1 else {"cpu": "several: see pieces"},
-        "pieces": [{"dir": p.name, **{k: i[k] for k in ("command", "runner_command", "wall_time_s", "finished",
-                                                         "machine")}} for p, i in zip(pieces, infos)]})
+    lora_merge.write_json(run_dir / "run.json", run_record(
+        args, rid, seed, argv, infos[best]["tgt_from"], sum(i["wall_time_s"] for i in infos),
+        sum(i["earlier_attempts_s"] for i in infos),
+        infos[best]["machine"] if len(machines) == 1 else {"cpu": "several: see pieces"},
+        pieces=[{"dir": p.name, **{k: i[k] for k in ("command", "runner_command", "wall_time_s", "finished",
+                                                      "machine")}} for p, i in zip(pieces, infos)]))
     lora_merge.write_json(run_dir / "results.json", {
         "task": parts[0]["task"], "args": {**parts[best]["args"], grid_key: [r["chosen"] for r in runs],
                                            "out": str(run_dir)},

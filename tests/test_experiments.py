@@ -250,6 +250,7 @@ def test_per_candidate_pieces_equal_the_one_process_grid_search(tmp_path):
     assert E.main([*cmd, "--root", str(tmp_path / "pieces"), "--per-candidate", "--", *tiny]) == 0
     (whole,), (joined,) = (E.cached(tmp_path / r, "en", "merge-del") for r in ("whole", "pieces"))
     assert len(joined["run"]["pieces"]) == 2 and "pieces" not in whole["run"]
+    assert list(joined["run"]) == [*whole["run"], "pieces"]  # run.json says the same things of both
     assert joined["chosen"] == whole["chosen"] and joined["test"] == whole["test"]
     for v in ("0.2", "0.5"):
         a, b = whole["candidates"][v], joined["candidates"][v]
