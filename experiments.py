@@ -9,8 +9,9 @@ One (setting, row, seed) is one `lora_merge.main` call into <root>/<setting>/<ro
 cache unit. A run whose results.json exists is never recomputed, so a killed piece is restarted
 with the same command: finished runs are skipped and a half-finished one resumes from lora_merge's
 per-epoch checkpoints. Each finished run also gets run.json: its exact command, wall time, machine.
-A run cached or started with other flags (another budget) is not rerun or resumed but reported as
-a failure, so one table never mixes budgets silently: give each budget its own --root.
+A run cached or started with other flags (another budget; flags compare as argparse reads them,
+paths by their last part) is not rerun or resumed but reported as a failure, so one table never
+mixes budgets silently: give each budget its own --root.
 A grid search too long for one sitting (a Table 4 module row: 6 thresholds, ~2.5 h on a fast CPU)
 runs with --per-candidate as one cached run per candidate, <row>/seed<k>-<flag><value> (e.g.
 seed0-threshold0.1), each scored on validation; once all are cached they are joined into
@@ -234,10 +235,30 @@ def recorded_argv(run_dir: Path) -> list[str] | None:
     return first.get("argv")
 
 
-def comparable(argv: list[str]) -> list[str]:
-    """argv with every path cut to its last part: the same run made in another clone (or with
-    the modules named rather than given as folders) compares equal."""
-    return [Path(a).name if "/" in a else a for a in argv]
+def options(argv: list[str]) -> dict[str, list[str]]:
+    """argv as argparse reads it: each --option with the values after it, a repeated one's last
+    occurrence winning ("" holds what comes before the first option)."""
+    read, option = {"": []}, ""
+    for a in argv:
+        if a.startswith("--"):
+            read.pop(a, None)  # the last occurrence wins, wherever it stands
+            read[option := a] = []
+        else:
+            read[option].append(a)
+    return read
+
+
+def comparable(argv: list[str]) -> dict[str, list[str]]:
+    """argv's options with every path cut to its last part: the same run made in another clone (or
+    with the modules named rather than given as folders, or a flag given twice) compares equal."""
+    return {o: [Path(a).name if "/" in a else a for a in values] for o, values in options(argv).items()}
+
+
+def one_candidate(argv: list[str], flag: str, value: str) -> list[str]:
+    """argv with the grid that flag searches narrowed to value, scored on validation (--val-scores)
+    since the pick among the candidates is made later, from the pieces."""
+    kept = [x for o, values in options(argv).items() if o != flag for x in (o, *values) if x]
+    return [*kept, flag, value, "--val-scores"]
 
 
 def portable(command: str) -> str:
@@ -299,15 +320,15 @@ def related_folders(args, rid: str) -> dict[str, str]:
     return ensure_modules(args.setting, Path(args.root), [*flags, *common_flags(args), *args.extra], args.command_line)
 
 
-def candidate_pieces(argv: list[str], run_dir: Path) -> list[tuple[Path, list[str]]]:
-    """--per-candidate: (piece folder, the flags that make it one candidate) for each candidate of the
-    grid that argv searches; [] where there is no grid (one candidate) to split."""
+def candidate_pieces(argv: list[str], run_dir: Path) -> list[tuple[Path, str, str]]:
+    """--per-candidate: (piece folder, grid flag, value) for each candidate of the grid that argv
+    searches; [] where there is no grid (one candidate) to split."""
     la, _ = lora_merge.parse_args(argv)
     flag, values = ("--threshold", la.threshold) if la.unit == "module" else ("--ratio", la.ratio)
     if la.method != "merge" or len(values) < 2:
         return []
     seed = run_dir.name.removesuffix("-run")
-    return [(run_dir.with_name(f"{seed}-{flag[2:]}{v:g}"), [flag, f"{v:g}", "--val-scores"]) for v in values]
+    return [(run_dir.with_name(f"{seed}-{flag[2:]}{v:g}"), flag, f"{v:g}") for v in values]
 
 
 def join_pieces(args, rid: str, seed: int, run_dir: Path, pieces: list[Path], argv: list[str]):
@@ -355,9 +376,9 @@ def run(args, extra: list[str]) -> int:
         for seed in args.seeds:
             run_dir = setting_dir / rid / f"seed{seed}-run"
 
-            def argv_of(folders, out=run_dir, more=()):
+            def argv_of(folders, out=run_dir):
                 return ["--task", SETTINGS[args.setting]["task"], *substitute(table[rid]["flags"], folders),
-                        "--seeds", str(seed), "--out", str(out), *common, *extra, *more]
+                        "--seeds", str(seed), "--out", str(out), *common, *extra]
             pieces = []
             if args.per_candidate and not (run_dir / "results.json").is_file():
                 try:
@@ -366,13 +387,13 @@ def run(args, extra: list[str]) -> int:
                     print(f"[{args.setting}/{rid} seed {seed}] FAILED: {e!r}", flush=True)
                     failed.append(f"{rid} seed {seed}")
                     continue
-            units = [(d, lambda folders, d=d, m=m: argv_of(folders, d, m), f"{rid} {m[0][2:]} {m[1]}")
-                     for d, m in pieces] or [(run_dir, argv_of, rid)]
+            units = [(d, lambda folders, d=d, f=f, v=v: one_candidate(argv_of(folders, d), f, v), f"{rid} {f[2:]} {v}")
+                     for d, f, v in pieces] or [(run_dir, argv_of, rid)]
             for unit_dir, unit_argv, label in units:
                 if (why := run_unit(args, rid, seed, unit_dir, unit_argv, label)) is not None:
                     failed.append(f"{label} seed {seed}" + (f" ({why})" if why != "failed" else ""))
-            if pieces and all((d / "results.json").is_file() for d, _ in pieces):
-                join_pieces(args, rid, seed, run_dir, [d for d, _ in pieces], argv_of(related_folders(args, rid)))
+            if pieces and all((d / "results.json").is_file() for d, _, _ in pieces):
+                join_pieces(args, rid, seed, run_dir, [d for d, _, _ in pieces], argv_of(related_folders(args, rid)))
     if failed:
         print(f"failed ({len(failed)}): {', '.join(failed)}", flush=True)
     return 1 if failed else 0

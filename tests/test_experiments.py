@@ -1,7 +1,9 @@
 """The experiment runner: row table, caching/resume of runs, and the report built from the cache."""
 import json
 import os
+import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -230,7 +232,8 @@ def test_per_candidate_runs_each_candidate_and_joins_them(tmp_path, monkeypatch,
     info = run["run"]
     assert [p["dir"] for p in info["pieces"]] == ["seed0-threshold0.1", "seed0-threshold0.2", "seed0-threshold0.3"]
     assert info["wall_time_s"] == sum(p["wall_time_s"] for p in info["pieces"])
-    assert all(p["command"].endswith(f"--threshold {v} --val-scores") for p, v in zip(info["pieces"], (0.1, 0.2, 0.3)))
+    assert all(p["command"].endswith(f"--threshold {v} --val-scores") and p["command"].count("--threshold") == 1
+               for p, v in zip(info["pieces"], (0.1, 0.2, 0.3)))  # each piece's command names its candidate only
     # the joined run is the row's cached run: another piece, with or without --per-candidate, runs nothing
     calls.clear()
     assert E.main(cmd) == 0 and E.main([c for c in cmd if c != "--per-candidate"]) == 0 and calls == []
@@ -256,6 +259,32 @@ def test_per_candidate_pieces_equal_the_one_process_grid_search(tmp_path):
         a, b = whole["candidates"][v], joined["candidates"][v]
         assert a["val_scores"] == b["val_scores"] and a["history"] == b["history"] and a["sparsity"] == b["sparsity"]
     assert E.predictions([whole]) == E.predictions([joined])
+
+
+def test_committed_pieces_stay_cached_under_their_runner_command(tmp_path, monkeypatch, capsys):
+    """Each committed --per-candidate piece is found cached when its recorded runner command runs
+    again (on a copy of its row): a change to how the runner writes a piece's flags must not make
+    hours of committed pieces "other flags". Only the row's missing candidates would train."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the recorded --data-dir and the committed modules are found from here
+    pieces = [p for p in (repo / "results" / "runs").glob("*/*/seed*-*")
+              if re.fullmatch(r"seed\d+-(threshold|ratio)[\d.]+", p.name) and (p / "results.json").is_file()]
+    assert pieces, "no committed piece"
+    trained = []
+    monkeypatch.setattr(lora_merge, "main", lambda argv: trained.append(lora_merge.parse_args(argv)[0].out))
+    for row in {p.parent for p in pieces}:
+        shutil.copytree(row, tmp_path / row.parent.name / row.name)
+    for command in {json.loads((p / "run.json").read_text())["runner_command"] for p in pieces}:
+        argv = shlex.split(command)[2:]  # after "python experiments.py"
+        argv[argv.index("--root") + 1] = str(tmp_path)
+        E.main(argv)
+    out = capsys.readouterr().out
+    assert "other flags" not in out
+    for p in pieces:
+        copy = tmp_path / p.parent.parent.name / p.parent.name / p.name
+        joined = copy.with_name(p.name.split("-")[0] + "-run") / "results.json"
+        assert joined.is_file() or f"cached: {copy}" in out, p
+        assert str(copy) not in trained
 
 
 def test_committed_tgt_modules_pass_the_reuse_check(monkeypatch):
